@@ -1,0 +1,253 @@
+"""Command-line interface: ``tinygpt train | sample | eval``.
+
+The flags of ``train`` are generated from the fields of ``TrainConfig`` (one source of truth);
+``--config run.toml`` reads the same names from a TOML file. User errors print one line and exit
+with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from tinygpt.errors import TinyGPTError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exits 2, as argparse does)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_type(f) -> type:
+    """The concrete type of a dataclass field (``int | None`` -> ``int``)."""
+    hints = typing.get_type_hints(_train_config_cls())
+    t = hints[f.name]
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def _train_config_cls():
+    from tinygpt.config import TrainConfig
+
+    return TrainConfig
+
+
+def _preset_note(name: str) -> str:
+    from tinygpt.config import PRESETS
+
+    vals = [f"{p}={v[name]}" for p, v in PRESETS.items() if name in v]
+    return f"presets: {', '.join(vals)}" if vals else ""
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(_train_config_cls()):
+        flag = "--" + f.name.replace("_", "-")
+        t = _field_type(f)
+        default = f.default if f.default is not MISSING else None
+        shown = "" if default is None else f"default: {default}"
+        note = "; ".join(x for x in (shown, _preset_note(f.name)) if x)
+        help_text = f.metadata.get("help", "") + (f" ({note})" if note else "")
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if t is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        metavar = f.name.upper()
+        p.add_argument(flag, type=t, metavar=metavar, **kwargs)
+
+
+def read_toml_settings(path: str) -> dict:
+    """Settings from a TOML file: keys are TrainConfig field names (dashes allowed)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise TinyGPTError(f"config file not found: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TinyGPTError(f"cannot read config file {path}: {e}") from None
+    known = {f.name: f for f in fields(_train_config_cls())}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise TinyGPTError(f"{path}: unknown setting {key!r}")
+        t = _field_type(known[name])
+        ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise TinyGPTError(f"{path}: {key} must be a {t.__name__}, got {value!r}")
+        out[name] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tinygpt",
+        description="Train, sample and evaluate character-level language models.",
+    )
+    from tinygpt import __version__
+
+    parser.add_argument("--version", action="version", version=f"tinygpt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "train", help="train a model",
+        description="Train a bigram or GPT model. Flags override the preset; --config reads a "
+        "TOML file with the same names (flags win).",
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    _add_train_flags(p)
+
+    p = sub.add_parser("sample", help="generate text from a trained model")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--num-chars", type=int, default=500, help="characters to generate (default: 500)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default: 1)")
+    _add_load_flags(p)
+
+    p = sub.add_parser("eval", help="loss over the whole validation split")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--data", default=None, help="evaluate on this text instead of the run's corpus")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="(default: val)")
+    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
+    _add_load_flags(p)
+    return parser
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of the run (default: best, else last)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tinygpt.config import TrainConfig
+    from tinygpt.train import train
+
+    settings = read_toml_settings(args.config) if args.config else {}
+    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    cfg = TrainConfig.resolve(settings)
+    result = train(cfg)
+    print(f"done: {result.step} steps, val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})")
+    if result.sample:
+        print("--- sample ---")
+        print(result.sample)
+        print("--------------")
+    print(f"sample more with: tinygpt sample {result.run_dir}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
+    from tinygpt.train import pick_device
+
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    if args.num_chars < 0:
+        raise TinyGPTError(f"--num-chars must be >= 0, got {args.num_chars}")
+    if args.num_samples < 1:
+        raise TinyGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(Path(args.run_dir), args.checkpoint, device)
+    tok = ckpt.tokenizer
+    unknown = tok.unknown_chars(args.prompt)
+    if unknown:
+        raise TinyGPTError(
+            f"the prompt has characters the model does not know: "
+            f"{', '.join(repr(c) for c in unknown)}"
+        )
+    if not args.prompt:
+        raise TinyGPTError("--prompt must not be empty")
+    block_size = ckpt.block_size or 1
+    base_seed = args.seed if args.seed is not None else int(torch.seed() % (2**31))
+    out = sys.stdout
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            out.write(f"--- sample {i + 1} ---\n")
+        gen = make_generator(base_seed + i, device)
+        idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=device)
+        out.write(args.prompt)
+        for t in generate_tokens(ckpt.model, idx, args.num_chars, sampling, gen, block_size):
+            out.write(tok.decode([int(t[0])]))
+            out.flush()
+        out.write("\n")
+    out.flush()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.data import load_corpus
+    from tinygpt.evaluate import evaluate_tokens
+    from tinygpt.train import pick_device
+
+    if args.batch_size < 1:
+        raise TinyGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(Path(args.run_dir), args.checkpoint, device)
+    data = ckpt.state.get("data", {})
+    spec = args.data or data.get("spec")
+    if spec is None:
+        raise TinyGPTError("the checkpoint does not record its corpus; pass --data PATH")
+    errors = data.get("encoding_errors", "strict")
+    corpus = load_corpus(spec, errors)
+    if corpus.tokenizer != ckpt.tokenizer:  # other text: encode it with the model's vocabulary
+        corpus = load_corpus(spec, errors, tokenizer=ckpt.tokenizer)
+    elif args.data is None and corpus.fingerprint != data.get("fingerprint"):
+        print(f"note: {spec} has changed since the model was trained", file=sys.stderr)
+    block_size = ckpt.block_size or ckpt.state["train_config"].get("block_size", 256)
+    result = evaluate_tokens(ckpt.model, corpus.split(args.split), block_size, args.batch_size, device)
+    result = {
+        "split": args.split, **result, "step": ckpt.state.get("step"),
+        "checkpoint": str(ckpt.path),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{args.split} loss {result['val_loss']:.4f} nats/char, "
+            f"{result['bits_per_char']:.4f} bits/char over {result['tokens']:,} tokens "
+            f"({ckpt.path}, step {result['step']})"
+        )
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (TinyGPTError, ValueError) as e:
+        print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"tinygpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

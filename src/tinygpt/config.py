@@ -1,0 +1,178 @@
+"""Training configuration: one dataclass whose fields are also the CLI flags and TOML keys.
+
+Values are layered: dataclass defaults < preset < TOML file (``--config``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
+
+# Each preset overrides some defaults. `cpu` is the default for the GPT (its values are also the
+# dataclass defaults); `bigram` is the default for the bigram model (the mid-term assignment);
+# `lecture` is the final model of the lecture video.
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "bigram": {
+        "batch_size": 32, "block_size": 8, "lr": 1e-2, "warmup_steps": 0,
+        "weight_decay": 0.0, "max_steps": 3000, "eval_interval": 500, "eval_iters": 100,
+    },
+    "lecture": {
+        "batch_size": 64, "block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384,
+        "dropout": 0.2, "lr": 3e-4, "max_steps": 5000, "eval_interval": 500, "eval_iters": 200,
+    },
+}
+DEFAULT_PRESET = {"gpt": "cpu", "bigram": "bigram"}
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)?", re.IGNORECASE)
+_UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``90``, ``90s``, ``5m``, ``1h30m``, ``2.5m``. Raises ``ValueError``."""
+    s = str(text).strip().replace(" ", "")
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _DURATION.match(s, pos)
+        if not m or m.end() == pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2).lower() if m.group(2) else None]
+        pos = m.end()
+    if not s or pos != len(s) or not math.isfinite(total) or total <= 0:
+        raise ValueError(
+            f"cannot read duration {text!r}; use e.g. 90s, 5m, 1h30m (a positive amount)"
+        )
+    return total
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # what to train on and what to train
+    data: str = _opt("shakespeare", "text file, directory of .txt files, or 'shakespeare'")
+    model: str = _opt("gpt", "model kind", choices=MODEL_KINDS)
+    preset: str | None = _opt(
+        None, "named set of defaults (gpt: cpu, bigram: bigram)", choices=tuple(PRESETS)
+    )
+    out: str | None = _opt(None, "run directory (default: runs/MODEL)")
+    overwrite: bool = _opt(False, "replace an existing run in --out")
+    encoding_errors: str = _opt(
+        "strict", "invalid UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD",
+        choices=("strict", "replace"),
+    )
+    # model shape (GPT)
+    batch_size: int = _opt(32, "sequences per optimizer step")
+    block_size: int = _opt(64, "context length in characters")
+    n_layer: int = _opt(4, "transformer blocks")
+    n_head: int = _opt(4, "attention heads per block")
+    n_embd: int = _opt(128, "embedding width")
+    dropout: float = _opt(0.0, "dropout probability")
+    bias: bool = _opt(True, "biases in Linear and LayerNorm layers")
+    causal: bool = _opt(True, "mask future positions (--no-causal is a lesson in why it matters)")
+    # optimisation
+    lr: float = _opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
+    warmup_steps: int = _opt(100, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay on weight matrices")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.99, "AdamW beta2")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
+    max_steps: int | None = _opt(2000, "optimizer steps")
+    max_time: str | None = _opt(
+        None, "wall-clock budget, e.g. 90s or 5m; the LR schedule is stretched over it"
+    )
+    # bookkeeping
+    eval_interval: int = _opt(250, "steps between evaluations and checkpoints")
+    eval_iters: int = _opt(50, "batches per split in each evaluation")
+    sample_chars: int = _opt(400, "characters sampled at the end of training (0: none)")
+    seed: int = _opt(1337, "random seed")
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        positive = ("batch_size", "eval_interval", "eval_iters")
+        for name in positive:
+            if _bad_int(getattr(self, name), minimum=1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "sample_chars"):
+            if _bad_int(getattr(self, name), minimum=0):
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.max_steps is not None and _bad_int(self.max_steps, minimum=1):
+            raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        if not _finite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not _finite(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not _finite(v) or v < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not _finite(v) or not 0 <= v < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if self.max_time is not None:
+            parse_duration(self.max_time)
+        if self.max_steps is None and self.max_time is None:
+            raise ValueError("give --max-steps or --max-time (or both)")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        # Validate the model shape now, before any data is read.
+        self.model_config(vocab_size=1)
+
+    @property
+    def max_time_s(self) -> float | None:
+        return None if self.max_time is None else parse_duration(self.max_time)
+
+    @property
+    def run_dir(self) -> str:
+        return self.out or f"runs/{self.model}"
+
+    def model_config(self, vocab_size: int) -> BigramConfig | GPTConfig:
+        if self.model == "bigram":
+            if _bad_int(self.block_size, minimum=1):
+                raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+            return BigramConfig(vocab_size=vocab_size)
+        return GPTConfig(
+            vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+            n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
+            causal=self.causal,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def resolve(cls, settings: dict) -> TrainConfig:
+        """Apply the preset named in ``settings`` (or the model's default) under ``settings``."""
+        unknown = set(settings) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        model = settings.get("model", "gpt")
+        if model not in MODEL_KINDS:
+            raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODEL_KINDS)}")
+        preset = settings.get("preset") or DEFAULT_PRESET[model]
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        merged = {**PRESETS[preset], **settings, "preset": preset}
+        # A time budget alone replaces the preset's step count instead of competing with it.
+        if "max_time" in settings and "max_steps" not in settings:
+            merged["max_steps"] = None
+        return cls(**merged)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad_int(v, minimum: int) -> bool:
+    return isinstance(v, bool) or not isinstance(v, int) or v < minimum

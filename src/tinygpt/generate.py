@@ -1,0 +1,104 @@
+"""Sampling text from a trained model, one token at a time.
+
+The model only ever answers "what comes next?" as a distribution (logits over the vocabulary).
+Generating text is a loop: feed the context, turn the last position's logits into probabilities,
+draw a token, append it, repeat. Temperature, top-k and top-p reshape the distribution first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 means greedy: always the most likely token
+    top_k: int | None = None  # keep only the k most likely tokens
+    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {t!r}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
+        p = self.top_p
+        if p is not None and (
+            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1
+        ):
+            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set the logits of excluded tokens to -inf. ``logits`` is (B, V).
+
+    top-k keeps exactly ``k`` tokens per row, even when several logits tie at the boundary.
+    top-p sorts by probability and keeps each token whose preceding cumulative probability is
+    still below ``p``: the smallest prefix whose total reaches ``p``.
+    """
+    if top_k is not None and top_k < logits.size(-1):
+        keep = torch.topk(logits, top_k, dim=-1).indices  # exactly k indices, ties included
+        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, keep, False)
+        logits = logits.masked_fill(mask, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # probability mass ranked above each token
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Choose the next token for each row of ``logits`` (B, V); returns (B,)."""
+    if sampling.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    block_size: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every sequence in ``idx`` (B, T), ``max_new_tokens`` times.
+
+    The context is cropped to the last ``block_size`` tokens, the longest the model can see. This
+    re-runs the whole context for each new token: simple, and the reference for faster paths.
+    """
+    sampling = sampling or SamplingConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            context = idx if block_size is None else idx[:, -block_size:]
+            logits, _ = model(context)  # (B, T, V)
+            nxt = sample_next(logits[:, -1, :], sampling, generator)  # (B,)
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+            yield nxt
+    finally:
+        model.train(was_training)
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
