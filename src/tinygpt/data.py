@@ -57,8 +57,9 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def ensure_shakespeare(url: str = SHAKESPEARE_URL) -> Path:
+def ensure_shakespeare(url: str | None = None) -> Path:
     """Return the path of Tiny Shakespeare, downloading and verifying it if it is not cached."""
+    url = url or SHAKESPEARE_URL
     path = shakespeare_path()
     if path.is_file():
         return path
