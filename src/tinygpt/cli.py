@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from tinygpt.errors import TinyGPTError
+from tinygpt.errors import TinyGPTError, TrainingInterrupted
 
 EXIT_USAGE = 2
 
@@ -63,7 +63,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        metavar = f.name.upper()
+        metavar = f.metadata.get("metavar", f.name.upper())
         p.add_argument(flag, type=t, metavar=metavar, **kwargs)
 
 
@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "TOML file with the same names (flags win).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue this run from its newest complete checkpoint, with its own settings "
+        "(only --max-steps, --max-time, --device, --eval-interval, --sample-chars, --keep may "
+        "change; --data may name the same text at a new place)",
+    )
     _add_train_flags(p)
 
     p = sub.add_parser("sample", help="generate text from a trained model")
@@ -143,13 +149,23 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tinygpt.config import TrainConfig
-    from tinygpt.train import train
+    from tinygpt.train import prepare_resume, settings_for_init_from, train
 
     settings = read_toml_settings(args.config) if args.config else {}
-    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    cfg = TrainConfig.resolve(settings)
-    result = train(cfg)
-    print(f"done: {result.step} steps, val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})")
+    settings.update(
+        {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    )
+    if args.resume:
+        cfg, ckpt = prepare_resume(Path(args.resume), settings)
+        result = train(cfg, resume=ckpt)
+    else:
+        if settings.get("init_from"):
+            settings = settings_for_init_from(settings)
+        result = train(TrainConfig.resolve(settings))
+    print(
+        f"done: {result.step} steps, val loss {result.val_loss:.4f} "
+        f"(best {result.best_val_loss:.4f})"
+    )
     if result.sample:
         print("--- sample ---")
         print(result.sample)
@@ -246,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TinyGPTError, ValueError) as e:
         print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as e:
+        print(f"tinygpt {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"tinygpt {args.command}: interrupted", file=sys.stderr)
         return 130
