@@ -263,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as e:
-        print(f"tinygpt {args.command}: {e}", file=sys.stderr)
+        try:
+            print(f"tinygpt {args.command}: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # yet another Ctrl-C: the checkpoint is safe, just leave
+            pass
         return e.exit_code
     except KeyboardInterrupt:
         print(f"tinygpt {args.command}: interrupted", file=sys.stderr)

@@ -623,6 +623,9 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                     break
                 if catcher.signum is not None:
                     if saved_step != step:
+                        name = signal.Signals(catcher.signum).name
+                        log(f"{name}: saving a checkpoint at step {step} (send it again to "
+                            f"abort at once)")
                         save(step, elapsed, None, False)
                     raise TrainingInterrupted(catcher.signum, saved=True)
 
