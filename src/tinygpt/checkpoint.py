@@ -485,8 +485,8 @@ def _candidates(run_dir: Path, which: str) -> list[Path]:
     if which == "best":
         best = run_dir / "best"
         if best.is_dir():
-            target = best.resolve() if best.is_symlink() else best
-            order = [target] + [p for p in order if p.resolve() != target.resolve()]
+            target = run_dir / os.readlink(best) if best.is_symlink() else best
+            order = [target] + order
     out, seen = [], set()
     for p in order:
         key = p.resolve()

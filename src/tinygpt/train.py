@@ -148,7 +148,7 @@ def capture_rng(batch_gen: torch.Generator) -> dict:
         "torch_cpu": torch.get_rng_state(),
         "batch_gen": batch_gen.get_state(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # else it was never drawn from
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
     if _mps_available():
         state["torch_mps"] = torch.mps.get_rng_state()
