@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a trained model")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--num-chars", type=int, default=500, help="characters to generate (default: 500)")
+    p.add_argument("--num-chars", type=int, default=500,
+                   help="characters to generate (default: 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--data", default=None, help="evaluate on this text instead of the run's corpus")
     p.add_argument("--split", choices=("val", "train"), default="val", help="(default: val)")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="windows per forward pass (default: 32)")
     _add_load_flags(p)
     return parser
 
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of the run (default: best, else last)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -235,7 +238,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.data is None and corpus.fingerprint != data.get("fingerprint"):
         print(f"note: {spec} has changed since the model was trained", file=sys.stderr)
     block_size = ckpt.block_size or ckpt.state["train_config"].get("block_size", 256)
-    result = evaluate_tokens(ckpt.model, corpus.split(args.split), block_size, args.batch_size, device)
+    tokens = corpus.split(args.split)
+    result = evaluate_tokens(ckpt.model, tokens, block_size, args.batch_size, device)
     result = {
         "split": args.split, **result, "step": ckpt.state.get("step"),
         "checkpoint": str(ckpt.path),
