@@ -42,7 +42,9 @@ def shakespeare(tinygpt_home) -> Path:
     return dest
 
 
-def run_cli(*args: str, timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 300, check: bool = False, **kw
+) -> subprocess.CompletedProcess:
     """Run ``python -m tinygpt ARGS`` in a fresh process (this checkout's source first)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")

@@ -1,24 +1,52 @@
-"""Checkpoints: weights in safetensors, everything else in JSON, optimizer state on its own.
+"""Checkpoints that survive crashes: one folder per saved step, committed by a manifest.
 
-A run directory looks like::
+A run directory (checkpoint format 2) looks like::
 
     RUN_DIR/
-      metrics.jsonl          one JSON line per evaluation
-      last/                  the newest checkpoint
-        model.safetensors    weights (no pickle: loading cannot run code)
-        optimizer.pt         optimizer state (tensors only, loaded with weights_only=True)
-        state.json           format version, model kind + config, tokenizer, step, best val...
-      best/                  the checkpoint with the lowest val loss so far
+      metrics.jsonl            one JSON line per evaluation
+      step-000500/             one complete checkpoint per saved step
+        model.safetensors      weights (safetensors: loading cannot run code)
+        optimizer.pt           optimizer state  } tensors and plain data only,
+        rng.pt                 random states    } loaded with torch.load(weights_only=True)
+        state.json             format version, model kind + config, tokenizer, train config,
+                               corpus fingerprint, step, losses, best val, time used...
+        manifest.json          size and sha256 of every file above; written last
+      step-001000/
+      last -> step-001000      symbolic links, switched atomically once a step folder is complete
+      best -> step-000500      (the lowest val loss so far)
 
-Every file is written to a temporary name, flushed to disk and renamed into place, and
-``state.json`` is written last, so a checkpoint without a readable ``state.json`` is incomplete.
+Saving writes every file into a fresh hidden folder (``.step-001000.partial-XXXX``): each file
+goes to a temporary name, is flushed, fsynced and renamed; ``manifest.json`` comes last and is the
+commit marker. The folder is then fsynced and renamed to ``step-001000``, the run directory is
+fsynced, and the ``last`` (and maybe ``best``) link is replaced by ``os.replace`` of a new link.
+Older step folders beyond ``keep`` are removed only after that. A crash at any instant therefore
+leaves every earlier checkpoint untouched; half-written folders have hidden names and are swept
+away by the next run in that directory.
+
+Loading verifies the manifest (sizes and sha256) before reading anything. If a checkpoint does not
+verify, the newest one that does is used instead and a warning says so. ``last`` means the newest
+complete step folder (the link is a convenience: the loader does not need it).
+
+Fault injection for tests: with ``TINYGPT_FAULT_AFTER=POINT@STEP`` in the environment the process
+kills itself with SIGKILL at that point of the save of step STEP. POINT is a file name (after that
+file is complete inside the partial folder), ``commit`` (after the folder rename, before the
+links), ``link`` (after the links, before pruning), or ``step`` (right after optimizer step STEP,
+see ``train.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import re
+import shutil
+import signal
+import sys
 import tempfile
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +59,43 @@ from tinygpt.errors import TinyGPTError
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import CharTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: real last/ and best/ folders, no manifest (sampling only)
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
 STATE = "state.json"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-(\d+)")
+FAULT_ENV = "TINYGPT_FAULT_AFTER"
+
+Warn = Callable[[str], None]
+
+# mkstemp/mkdtemp create private files; checkpoints get the usual permissions (umask applies).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class CheckpointError(TinyGPTError):
+    """A checkpoint folder that is incomplete, damaged or unsafe to load."""
+
+
+def warn_stderr(message: str) -> None:
+    print(f"tinygpt: warning: {message}", file=sys.stderr, flush=True)
+
+
+def fault_point(point: str, step: int) -> None:
+    """Die here (SIGKILL, no cleanup) if ``TINYGPT_FAULT_AFTER`` names this point and step."""
+    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        kill = getattr(signal, "SIGKILL", None)
+        if kill is not None:
+            os.kill(os.getpid(), kill)
+        os._exit(137)
+
+
+# --------------------------------------------------------------------------------------- writing
 
 
 def _fsync_dir(path: Path) -> None:
@@ -52,10 +113,12 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)``, fsync the result and rename it to ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -74,24 +137,192 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, write)
 
 
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _nonfinite_tensor(obj, prefix: str = "") -> str | None:
+    """Name of the first floating-point tensor in a nested structure that holds NaN or Inf."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and not torch.isfinite(obj).all():
+            return prefix or "tensor"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(
+        obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _nonfinite_tensor(v, f"{prefix}.{k}" if prefix else str(k))
+        if bad:
+            return bad
+    return None
+
+
+def _write_checkpoint_files(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict | None,
+    rng_state: dict | None,
+    state: dict,
+) -> None:
+    """Write a checkpoint's files into ``folder`` (an empty folder), the manifest last."""
+    step = state.get("step", -1)
+    files = [(WEIGHTS, lambda tmp: save_file(weights, tmp))]
+    if optimizer_state is not None:
+        files.append((OPTIMIZER, lambda tmp: torch.save(optimizer_state, tmp)))
+    if rng_state is not None:
+        files.append((RNG, lambda tmp: torch.save(rng_state, tmp)))
+    full_state = {"format_version": FORMAT_VERSION, **state}
+    files.append((STATE, lambda tmp: Path(tmp).write_text(
+        json.dumps(full_state, ensure_ascii=False, indent=1), encoding="utf-8")))
+    manifest = {"format_version": FORMAT_VERSION, "files": {}}
+    for name, write in files:
+        atomic_write(folder / name, write)
+        manifest["files"][name] = {
+            "size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name),
+        }
+        fault_point(name, step)
+    write_json(folder / MANIFEST, manifest)
+    fault_point(MANIFEST, step)
+    _fsync_dir(folder)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder: first renamed to a hidden name (atomic), then removed."""
+    if not path.exists() and not path.is_symlink():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}-{os.urandom(3).hex()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(
     ckpt_dir: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     state: dict,
-) -> None:
-    """Write one complete checkpoint into ``ckpt_dir``; ``state`` must describe the model."""
+    rng_state: dict | None = None,
+) -> Path:
+    """Write one complete checkpoint as the folder ``ckpt_dir``; ``state`` must describe the model.
+
+    The files are written into a hidden partial folder beside ``ckpt_dir`` which is renamed into
+    place once its manifest is written, so ``ckpt_dir`` is either absent, the old checkpoint, or
+    the complete new one. Non-finite weights or optimizer state are refused before anything is
+    written.
+    """
     ckpt_dir = Path(ckpt_dir)
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for name, t in weights.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise TinyGPTError(f"refusing to save a checkpoint: weight {name} is not finite")
-    # The state file goes last: while it is missing or stale the directory is not a new checkpoint.
-    (ckpt_dir / STATE).unlink(missing_ok=True)
-    atomic_write(ckpt_dir / WEIGHTS, lambda tmp: save_file(weights, tmp))
-    if optimizer is not None:
-        atomic_write(ckpt_dir / OPTIMIZER, lambda tmp: torch.save(optimizer.state_dict(), tmp))
-    write_json(ckpt_dir / STATE, {"format_version": FORMAT_VERSION, **state})
+    bad = _nonfinite_tensor(weights)
+    if bad:
+        raise TinyGPTError(f"refusing to save a checkpoint: weight {bad} is not finite")
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    if optimizer_state is not None and _nonfinite_tensor(optimizer_state["state"]):
+        raise TinyGPTError("refusing to save a checkpoint: the optimizer state is not finite")
+    parent = ckpt_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=parent, prefix=f".{ckpt_dir.name}.partial-"))
+    try:
+        os.chmod(partial, 0o777 & ~_UMASK)
+        _write_checkpoint_files(partial, weights, optimizer_state, rng_state, state)
+        if ckpt_dir.exists() or ckpt_dir.is_symlink():
+            _remove_tree(ckpt_dir)
+        os.replace(partial, ckpt_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+    return ckpt_dir
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def point_link(run_dir: Path, name: str, target: str) -> None:
+    """Make ``run_dir/name`` a symbolic link to ``target`` (atomically replacing the old one)."""
+    link = run_dir / name
+    if link.exists() and not link.is_symlink():  # a real folder (format 1): leave it alone
+        return
+    tmp = run_dir / f".{name}.link-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # no symbolic links here: the loader finds checkpoints without them
+        tmp.unlink(missing_ok=True)
+
+
+def list_step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step-NNNNNN`` folder, newest first."""
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError:
+        return []
+    out = []
+    for p in entries:
+        m = STEP_DIR.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink():
+            out.append((int(m.group(1)), p))
+    return sorted(out, key=lambda t: t[0], reverse=True)
+
+
+def prune_checkpoints(run_dir: Path, keep: int, protect: set[int]) -> None:
+    """Remove step folders except those in ``protect`` and the ``keep`` newest others."""
+    others = [(s, p) for s, p in list_step_dirs(run_dir) if s not in protect]
+    for _, path in others[keep:]:
+        _remove_tree(path)
+
+
+def save_run_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    rng_state: dict,
+    is_best: bool,
+    keep: int,
+) -> Path:
+    """Save step ``state["step"]`` as ``run_dir/step-NNNNNN``, point ``last`` (and ``best``)
+    at it, then prune older step folders beyond ``keep`` (``last`` and ``best`` always stay)."""
+    run_dir = Path(run_dir)
+    step = int(state["step"])
+    folder = save_checkpoint(run_dir / step_dir_name(step), model, optimizer, state, rng_state)
+    fault_point("commit", step)
+    point_link(run_dir, "last", folder.name)
+    if is_best:
+        point_link(run_dir, "best", folder.name)
+    _fsync_dir(run_dir)
+    fault_point("link", step)
+    protect = {step}
+    if state.get("best_step") is not None:
+        protect.add(int(state["best_step"]))
+    prune_checkpoints(run_dir, keep, protect)
+    return folder
+
+
+def sweep_partials(run_dir: Path) -> list[Path]:
+    """Remove what interrupted saves left behind (hidden partial folders, trash, temp links)."""
+    removed = []
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        n = p.name
+        if n.startswith(".step-") and ".partial-" in n or n.startswith(".trash-") or (
+            n.startswith((".last.link-", ".best.link-"))
+        ) or (n.startswith(".metrics.jsonl.") and n.endswith(".tmp")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# --------------------------------------------------------------------------------------- reading
 
 
 @dataclass
@@ -110,60 +341,278 @@ class Checkpoint:
         return self.state["model_config"].get("block_size")
 
 
-def find_checkpoint(run_dir: Path, which: str = "best") -> Path:
-    """The checkpoint folder to load from a run directory (``best`` falls back to ``last``)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise TinyGPTError(f"no such run directory: {run_dir}")
-    order = ["best", "last"] if which == "best" else [which]
-    for name in order:
-        if (run_dir / name / STATE).is_file():
-            return run_dir / name
-    if (run_dir / STATE).is_file():  # a checkpoint folder given directly
-        return run_dir
-    raise TinyGPTError(f"{run_dir} holds no checkpoint (train one with: tinygpt train --out {run_dir})")
+@dataclass
+class TrainingCheckpoint:
+    """Everything needed to continue a run exactly: weights, optimizer, random states, state."""
+
+    path: Path
+    state: dict
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict
+    rng_state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path.name}: {_one_line(e)}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} is not a JSON object")
+    return obj
+
+
+def _one_line(e: BaseException | str) -> str:
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def read_state(ckpt_dir: Path) -> dict:
+    """The checkpoint's ``state.json`` (no manifest check; see ``verify_checkpoint``)."""
     path = Path(ckpt_dir) / STATE
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        state = _read_json(path)
+    except CheckpointError as e:
         raise TinyGPTError(f"cannot read {path}: {e}") from None
-    version = state.get("format_version") if isinstance(state, dict) else None
-    if version != FORMAT_VERSION:
+    version = state.get("format_version")
+    if version not in READABLE_VERSIONS:
         raise TinyGPTError(
-            f"{path} has checkpoint format version {version!r}; this tinygpt reads version "
-            f"{FORMAT_VERSION} (upgrade tinygpt or retrain)"
+            f"{path} has checkpoint format version {version!r}; this tinygpt reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade tinygpt or retrain)"
         )
     return state
 
 
-def load_checkpoint(
-    run_dir: Path, which: str = "best", device: str | torch.device = "cpu"
-) -> Checkpoint:
-    """Load model and tokenizer from a run directory (or a checkpoint folder)."""
-    ckpt_dir = find_checkpoint(run_dir, which)
-    state = read_state(ckpt_dir)
+def verify_checkpoint(ckpt_dir: Path) -> dict:
+    """Check the manifest (sizes and sha256 of every file) and return the parsed ``state.json``.
+
+    Raises ``CheckpointError`` saying what is wrong. A format-1 folder (no manifest) is accepted
+    as it is; it can be sampled from but not resumed.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError("no such checkpoint folder")
+    manifest_path = ckpt_dir / MANIFEST
+    if not manifest_path.exists():
+        state = _read_json(ckpt_dir / STATE)
+        if state.get("format_version") == 1:
+            return state
+        raise CheckpointError(f"{MANIFEST} is missing (the save never completed)")
+    manifest = _read_json(manifest_path)
+    files = manifest.get("files")
+    if manifest.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
+        raise CheckpointError(
+            f"{MANIFEST} has format version {manifest.get('format_version')!r}; this tinygpt "
+            f"reads version {FORMAT_VERSION}"
+        )
+    if STATE not in files or WEIGHTS not in files:
+        raise CheckpointError(f"{MANIFEST} does not list {STATE} and {WEIGHTS}")
+    for name, meta in files.items():
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise CheckpointError(f"{MANIFEST} lists a bad file name {name!r}")
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{name} is missing")
+        if not isinstance(meta, dict) or path.stat().st_size != meta.get("size"):
+            raise CheckpointError(
+                f"{name} has {path.stat().st_size} bytes, {MANIFEST} says {meta.get('size')!r} "
+                f"(truncated or modified)"
+            )
+        if sha256_file(path) != meta.get("sha256"):
+            raise CheckpointError(
+                f"{name} does not match its sha256 in {MANIFEST} (damaged or modified)"
+            )
+    state = _read_json(ckpt_dir / STATE)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{STATE} has format version {state.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    return state
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a damaged file or NaN/Inf values raise ``CheckpointError``."""
+    try:
+        weights = load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path.name} is not a readable safetensors file (truncated or garbled: {_one_line(e)})"
+        ) from None
+    bad = _nonfinite_tensor(weights)
+    if bad:
+        raise CheckpointError(f"{path.name}: tensor {bad} holds NaN or Inf")
+    return weights
+
+
+def load_tensor_file(path: Path) -> dict:
+    """A ``torch.save`` file holding only tensors and plain data; never unpickles anything else."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} is missing") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path.name} holds Python objects other than tensors and plain data; refused to load "
+            f"it (damaged or tampered with: {_one_line(e)})"
+        ) from None
+    except (RuntimeError, OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"{path.name} is not readable ({_one_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path.name} does not hold a dictionary")
+    return obj
+
+
+def _is_checkpoint_folder(path: Path) -> bool:
+    return (path / MANIFEST).exists() or (path / STATE).exists()
+
+
+def _candidates(run_dir: Path, which: str) -> list[Path]:
+    """Checkpoint folders to try, in order of preference."""
+    if _is_checkpoint_folder(run_dir):  # a checkpoint folder given directly: no fallback
+        return [run_dir]
+    steps = [p for _, p in list_step_dirs(run_dir)]
+    legacy = [run_dir / n for n in ("last",) if (run_dir / n).is_dir()
+              and not (run_dir / n).is_symlink()]
+    order = steps + legacy
+    if which == "best":
+        best = run_dir / "best"
+        if best.is_dir():
+            target = run_dir / os.readlink(best) if best.is_symlink() else best
+            order = [target] + order
+    out, seen = [], set()
+    for p in order:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _first_usable(run_dir: Path, candidates: list[Path], load, warn: Warn | None):
+    """``load(folder)`` for the first candidate that loads; warns about the ones skipped."""
+    warn = warn or warn_stderr
+    failures: list[tuple[Path, CheckpointError]] = []
+    for folder in candidates:
+        try:
+            result = load(folder)
+        except CheckpointError as e:
+            failures.append((folder, e))
+            continue
+        for bad, err in failures:
+            warn(f"checkpoint {bad} is not usable ({err}); using {folder} instead")
+        return result
+    if failures:
+        folder, err = failures[0]
+        n = len(failures) - 1
+        more = f" (and {n} older checkpoint(s) failed too)" if n else ""
+        raise TinyGPTError(f"cannot load checkpoint {folder}: {err}{more}")
+    raise TinyGPTError(
+        f"{run_dir} holds no checkpoint (train one with: tinygpt train --out {run_dir})"
+    )
+
+
+def find_checkpoint(run_dir: Path, which: str = "best", warn: Warn | None = None) -> Path:
+    """The verified checkpoint folder to load from a run directory.
+
+    ``best`` falls back to ``last``; ``last`` is the newest step folder that verifies.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TinyGPTError(f"no such run directory: {run_dir}")
+
+    def check(folder: Path) -> Path:
+        verify_checkpoint(folder)
+        return folder
+
+    return _first_usable(run_dir, _candidates(run_dir, which), check, warn)
+
+
+def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
     try:
         config = make_config(state["model"], state["model_config"])
         tokenizer = CharTokenizer.from_dict(state["tokenizer"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise TinyGPTError(f"{ckpt_dir / STATE} is not a valid checkpoint description: {e}") from None
+    except (KeyError, TypeError, ValueError, TinyGPTError) as e:
+        raise CheckpointError(
+            f"{STATE} is not a valid checkpoint description: {_one_line(e)}"
+        ) from None
     model = build_model(state["model"], config)
-    try:
-        weights = load_file(str(ckpt_dir / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TinyGPTError(f"cannot read weights {ckpt_dir / WEIGHTS}: {e}") from None
-    for name, t in weights.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise TinyGPTError(f"weights {ckpt_dir / WEIGHTS}: tensor {name} holds NaN or Inf")
+    weights = load_weights(folder / WEIGHTS)
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise TinyGPTError(f"weights {ckpt_dir / WEIGHTS} do not fit the model: {first}") from None
-    model.to(device)
-    model.eval()
-    return Checkpoint(ckpt_dir, state, model, tokenizer)
+        raise CheckpointError(f"{WEIGHTS} does not fit the model: {_one_line(e)}") from None
+    return model, tokenizer
 
+
+def load_checkpoint(
+    run_dir: Path,
+    which: str = "best",
+    device: str | torch.device = "cpu",
+    warn: Warn | None = None,
+) -> Checkpoint:
+    """Load model and tokenizer from a run directory (or a checkpoint folder).
+
+    Every candidate is verified against its manifest; a damaged one is skipped with a warning.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TinyGPTError(f"no such run directory: {run_dir}")
+
+    def load(folder: Path) -> Checkpoint:
+        state = verify_checkpoint(folder)
+        model, tokenizer = _model_from(folder, state)
+        return Checkpoint(folder, state, model, tokenizer)
+
+    ckpt = _first_usable(run_dir, _candidates(run_dir, which), load, warn)
+    ckpt.model.to(device)
+    ckpt.model.eval()
+    return ckpt
+
+
+def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> TrainingCheckpoint:
+    """The newest complete checkpoint of a run with its optimizer and random states."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise TinyGPTError(f"no such run directory: {run_dir}")
+    if (run_dir / MANIFEST).exists():
+        raise TinyGPTError(
+            f"{run_dir} is a single checkpoint; resume the run directory that holds it "
+            f"(--resume {run_dir.parent})"
+        )
+    candidates = [p for _, p in list_step_dirs(run_dir)]
+    if not candidates:
+        if (run_dir / "last").is_dir() or _is_checkpoint_folder(run_dir):
+            raise TinyGPTError(
+                f"{run_dir} was written by an older tinygpt (checkpoint format 1, no training "
+                f"state) and cannot be resumed; start a new run from its weights with "
+                f"--init-from {run_dir}"
+            )
+        raise TinyGPTError(f"{run_dir} holds no checkpoint to resume")
+
+    def load(folder: Path) -> TrainingCheckpoint:
+        state = verify_checkpoint(folder)
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError("format 1 checkpoint without training state")
+        for key in ("step", "model", "model_config", "tokenizer", "train_config", "data"):
+            if key not in state:
+                raise CheckpointError(f"{STATE} lacks {key!r}")
+        model, _ = _model_from(folder, state)  # the weights fit the described model
+        weights = model.state_dict()
+        optimizer_state = load_tensor_file(folder / OPTIMIZER)
+        if _nonfinite_tensor(optimizer_state.get("state", {})):
+            raise CheckpointError(f"{OPTIMIZER} holds NaN or Inf")
+        rng_state = load_tensor_file(folder / RNG)
+        for key in ("python", "numpy", "torch_cpu", "batch_gen"):
+            if key not in rng_state:
+                raise CheckpointError(f"{RNG} lacks the {key!r} random state")
+        return TrainingCheckpoint(folder, state, weights, optimizer_state, rng_state)
+
+    return _first_usable(run_dir, candidates, load, warn)

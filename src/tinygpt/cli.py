@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from tinygpt.errors import TinyGPTError
+from tinygpt.errors import TinyGPTError, TrainingInterrupted
 
 EXIT_USAGE = 2
 
@@ -63,7 +63,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        metavar = f.name.upper()
+        metavar = f.metadata.get("metavar", f.name.upper())
         p.add_argument(flag, type=t, metavar=metavar, **kwargs)
 
 
@@ -112,12 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
         "TOML file with the same names (flags win).",
     )
     p.add_argument("--config", metavar="FILE", help="TOML file of settings")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue this run from its newest complete checkpoint, with its own settings "
+        "(only --max-steps, --max-time, --device, --eval-interval, --sample-chars, --keep may "
+        "change; --data may name the same text at a new place)",
+    )
     _add_train_flags(p)
 
     p = sub.add_parser("sample", help="generate text from a trained model")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--num-chars", type=int, default=500, help="characters to generate (default: 500)")
+    p.add_argument("--num-chars", type=int, default=500,
+                   help="characters to generate (default: 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
@@ -130,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--data", default=None, help="evaluate on this text instead of the run's corpus")
     p.add_argument("--split", choices=("val", "train"), default="val", help="(default: val)")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="windows per forward pass (default: 32)")
     _add_load_flags(p)
     return parser
 
@@ -138,18 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of the run (default: best, else last)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tinygpt.config import TrainConfig
-    from tinygpt.train import train
+    from tinygpt.train import prepare_resume, settings_for_init_from, train
 
     settings = read_toml_settings(args.config) if args.config else {}
-    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    cfg = TrainConfig.resolve(settings)
-    result = train(cfg)
-    print(f"done: {result.step} steps, val loss {result.val_loss:.4f} (best {result.best_val_loss:.4f})")
+    settings.update(
+        {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    )
+    if args.resume:
+        cfg, ckpt = prepare_resume(Path(args.resume), settings)
+        result = train(cfg, resume=ckpt)
+    else:
+        if settings.get("init_from"):
+            settings = settings_for_init_from(settings)
+        result = train(TrainConfig.resolve(settings))
+    print(
+        f"done: {result.step} steps, val loss {result.val_loss:.4f} "
+        f"(best {result.best_val_loss:.4f})"
+    )
     if result.sample:
         print("--- sample ---")
         print(result.sample)
@@ -219,7 +238,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.data is None and corpus.fingerprint != data.get("fingerprint"):
         print(f"note: {spec} has changed since the model was trained", file=sys.stderr)
     block_size = ckpt.block_size or ckpt.state["train_config"].get("block_size", 256)
-    result = evaluate_tokens(ckpt.model, corpus.split(args.split), block_size, args.batch_size, device)
+    tokens = corpus.split(args.split)
+    result = evaluate_tokens(ckpt.model, tokens, block_size, args.batch_size, device)
     result = {
         "split": args.split, **result, "step": ckpt.state.get("step"),
         "checkpoint": str(ckpt.path),
@@ -246,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TinyGPTError, ValueError) as e:
         print(f"tinygpt {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as e:
+        try:
+            print(f"tinygpt {args.command}: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # yet another Ctrl-C: the checkpoint is safe, just leave
+            pass
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"tinygpt {args.command}: interrupted", file=sys.stderr)
         return 130

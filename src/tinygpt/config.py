@@ -62,6 +62,10 @@ class TrainConfig:
     )
     out: str | None = _opt(None, "run directory (default: runs/MODEL)")
     overwrite: bool = _opt(False, "replace an existing run in --out")
+    init_from: str | None = _opt(
+        None, "start from the weights of this run (fine-tuning: same vocabulary and model shape, "
+        "new optimizer and schedule)", metavar="RUN_DIR",
+    )
     encoding_errors: str = _opt(
         "strict", "invalid UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD",
         choices=("strict", "replace"),
@@ -90,20 +94,24 @@ class TrainConfig:
     # bookkeeping
     eval_interval: int = _opt(250, "steps between evaluations and checkpoints")
     eval_iters: int = _opt(50, "batches per split in each evaluation")
+    keep: int = _opt(
+        1, "older step checkpoints to keep besides last and best", metavar="N"
+    )
     sample_chars: int = _opt(400, "characters sampled at the end of training (0: none)")
     seed: int = _opt(1337, "random seed")
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_KINDS)}")
+            kinds = ", ".join(MODEL_KINDS)
+            raise ValueError(f"unknown model {self.model!r}; choose one of {kinds}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         positive = ("batch_size", "eval_interval", "eval_iters")
         for name in positive:
             if _bad_int(getattr(self, name), minimum=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "sample_chars"):
+        for name in ("warmup_steps", "sample_chars", "keep"):
             if _bad_int(getattr(self, name), minimum=0):
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.max_steps is not None and _bad_int(self.max_steps, minimum=1):

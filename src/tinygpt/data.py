@@ -245,7 +245,9 @@ def load_corpus(
             e["sha256"] for e in _fingerprint(files, quick=False)
         ]:
             if not same_stat:  # content unchanged, only touched: refresh the stat record
-                manifest["sources"] = [dict(q, sha256=s["sha256"]) for q, s in zip(quick, cached)]
+                manifest["sources"] = [
+                    dict(q, sha256=s["sha256"]) for q, s in zip(quick, cached, strict=True)
+                ]
                 _write_json_atomic(manifest_path, manifest)
             return _open_corpus(bin_path, manifest)
 

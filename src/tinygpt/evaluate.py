@@ -52,5 +52,6 @@ def evaluate_tokens(
 def _sum_loss(model: nn.Module, chunk: torch.Tensor) -> float:
     x, y = chunk[:, :-1], chunk[:, 1:]
     logits, _ = model(x)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    loss = F.cross_entropy(logits, y.reshape(-1), reduction="sum")
     return loss.item()

@@ -75,7 +75,8 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> CharTokenizer:
-        if not isinstance(d, dict) or d.get("kind") != cls.kind or not isinstance(d.get("chars"), str):
+        chars = d.get("chars") if isinstance(d, dict) else None
+        if not isinstance(d, dict) or d.get("kind") != cls.kind or not isinstance(chars, str):
             raise TinyGPTError("unrecognised tokenizer description (expected a 'char' tokenizer)")
         return cls(d["chars"])
 

@@ -2,29 +2,66 @@
 
 Around that core: a learning-rate schedule (linear warmup, then cosine decay), gradient clipping,
 periodic evaluation on fixed batches, a progress bar, ``metrics.jsonl`` and checkpoints.
+
+A run survives being stopped: SIGINT or SIGTERM finish the current step and save a checkpoint,
+and ``train(cfg, resume=...)`` (``tinygpt train --resume RUN_DIR``) continues from the newest
+complete checkpoint with the model, optimizer, schedule position, step, best val loss, time used
+and every random state restored. On the CPU a resumed run ends bitwise identical to a run that
+never stopped, whether it was stopped by a signal, a crash or SIGKILL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import random
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from tinygpt.checkpoint import save_checkpoint
+from tinygpt.checkpoint import (
+    Checkpoint,
+    TrainingCheckpoint,
+    Warn,
+    atomic_write,
+    fault_point,
+    find_checkpoint,
+    list_step_dirs,
+    load_checkpoint,
+    load_training_checkpoint,
+    point_link,
+    prune_checkpoints,
+    read_state,
+    save_run_checkpoint,
+    step_dir_name,
+    sweep_partials,
+    warn_stderr,
+)
 from tinygpt.config import TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
-from tinygpt.errors import TinyGPTError
+from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import build_model
 from tinygpt.tokenizer import CharTokenizer
+
+# Settings that --resume may change: none of them changes what a step computes (max_steps and
+# max_time do re-stretch the cosine schedule over the new length -- that is what extending means).
+RESUME_MAY_CHANGE = ("max_steps", "max_time", "device", "eval_interval", "sample_chars", "keep")
+# With --init-from the model's shape comes from the source checkpoint (and must match if given);
+# dropout and causal default to the source's values but may be changed for fine-tuning.
+INIT_SHAPE_KEYS = {"gpt": ("block_size", "n_layer", "n_head", "n_embd", "bias"), "bigram": ()}
+INIT_DEFAULT_KEYS = {"gpt": ("dropout", "causal"), "bigram": ()}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -37,9 +74,13 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TinyGPTError(f"--device {name} asked for, but CUDA is not available here")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not _mps_available():
         raise TinyGPTError("--device mps asked for, but MPS is not available here")
     return torch.device(name)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def lr_at(step: int, progress: float, lr: float, min_lr: float, warmup_steps: int) -> float:
@@ -76,6 +117,10 @@ class TrainResult:
     sample: str
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _data_record(cfg: TrainConfig, corpus: Corpus) -> dict:
     spec = cfg.data
     if not (spec in BUILTIN_DATASETS and not Path(spec).exists()):
@@ -88,15 +133,306 @@ def _data_record(cfg: TrainConfig, corpus: Corpus) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------- random states
+
+
+def capture_rng(batch_gen: torch.Generator) -> dict:
+    """Every random state a run draws from: Python, numpy, torch (CPU, CUDA, MPS), the batches."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
+        },
+        "torch_cpu": torch.get_rng_state(),
+        "batch_gen": batch_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # else it was never drawn from
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if _mps_available():
+        state["torch_mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict, batch_gen: torch.Generator) -> None:
+    """Undo ``capture_rng``: the next random draws are the ones the saved run would have made."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+        torch.set_rng_state(state["torch_cpu"])
+        batch_gen.set_state(state["batch_gen"])
+        cuda = state.get("torch_cuda")
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cuda is not None and n_cuda and len(cuda) == n_cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        mps = state.get("torch_mps")
+        if mps is not None and _mps_available():
+            torch.mps.set_rng_state(mps)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise TinyGPTError(f"the checkpoint's random states cannot be restored: {e}") from None
+
+
+# ---------------------------------------------------------------------------- the run directory
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` so that two processes never write checkpoints into one run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TinyGPTError(
+                f"another tinygpt process is training in {run_dir}; wait for it or stop it first"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    existing = [run_dir / n for n in ("last", "best", "metrics.jsonl") if (run_dir / n).exists()]
+    names = ("last", "best", "metrics.jsonl")
+    existing = [run_dir / n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    existing += [p for _, p in list_step_dirs(run_dir)]
     if existing and not overwrite:
         raise TinyGPTError(
-            f"{run_dir} already holds a run; choose another --out or pass --overwrite to replace it"
+            f"{run_dir} already holds a run; choose another --out, pass --overwrite to replace it, "
+            f"or continue it with --resume {run_dir}"
         )
     for p in existing:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    sweep_partials(run_dir)
+
+
+def _truncate_metrics(path: Path, step: int, record: dict | None) -> None:
+    """Keep the lines of ``metrics.jsonl`` before ``step`` (and ``record`` for ``step`` itself).
+
+    Lines past the checkpoint came from the part of the run that is being redone; a line cut
+    short by a crash ends the kept part.
+    """
+    kept: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            s = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            break
+        if not isinstance(s, int) or s >= step:
+            break
+        kept.append(line)
+    if record is not None:
+        kept.append(json.dumps(record))
+    text = "".join(x + "\n" for x in kept)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def _prepare_resume_dir(
+    run_dir: Path, ckpt: TrainingCheckpoint, keep: int, warn: Warn
+) -> None:
+    sweep_partials(run_dir)
+    for s, p in list_step_dirs(run_dir):
+        if s > ckpt.step:  # newer than the newest usable checkpoint: it failed to load
+            dest = p.with_name(p.name + ".damaged")
+            i = 1
+            while dest.exists():
+                i += 1
+                dest = p.with_name(f"{p.name}.damaged{i}")
+            os.replace(p, dest)
+            warn(f"moved the unusable checkpoint {p} aside to {dest.name}")
+    point_link(run_dir, "last", ckpt.path.name)
+    best_step = ckpt.state.get("best_step")
+    best = run_dir / "best"
+    if best_step is not None and (run_dir / step_dir_name(best_step)).is_dir():
+        point_link(run_dir, "best", step_dir_name(best_step))
+    elif best.is_symlink() and not best.exists():
+        best.unlink()
+    protect = {ckpt.step} if best_step is None else {ckpt.step, best_step}
+    prune_checkpoints(run_dir, keep, protect)
+    _truncate_metrics(run_dir / "metrics.jsonl", ckpt.step,
+                      ckpt.state.get("metrics") if ckpt.state.get("evaluated") else None)
+
+
+# ----------------------------------------------------------------------- resume and --init-from
+
+
+def prepare_resume(
+    run_dir: Path, given: dict | None = None, warn: Warn | None = None
+) -> tuple[TrainConfig, TrainingCheckpoint]:
+    """The configuration and checkpoint to continue the run in ``run_dir``.
+
+    The run's own saved configuration is used. ``given`` (flags and TOML settings) may change only
+    the settings in ``RESUME_MAY_CHANGE``; ``data`` may name the same text at a new place (its
+    fingerprint must match); any other setting must equal the saved one.
+    """
+    run_dir = Path(run_dir)
+    given = dict(given or {})
+    if given.pop("overwrite", False):
+        raise TinyGPTError("--overwrite and --resume contradict each other; pass one of them")
+    if given.get("init_from"):
+        raise TinyGPTError(
+            "--init-from starts a new run and --resume continues one; pass one of them"
+        )
+    given.pop("init_from", None)
+    out = given.pop("out", None)
+    if out is not None and Path(out).expanduser().resolve() != run_dir.resolve():
+        raise TinyGPTError(f"--out {out} is not the run being resumed ({run_dir}); leave --out out")
+    data = given.pop("data", None)
+    ckpt = load_training_checkpoint(run_dir, warn)
+    saved = dict(ckpt.state["train_config"])
+    allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
+    for key, value in given.items():
+        if key in RESUME_MAY_CHANGE:
+            continue
+        if key not in saved:
+            raise TinyGPTError(f"unknown setting {key!r}")
+        if value != saved[key]:
+            raise TinyGPTError(
+                f"{_flag(key)} {value} differs from the run's {key} = {saved[key]!r}; --resume "
+                f"continues a run as it was configured (only {allowed} and --data for the same "
+                f"text may be given); to start a new run from its weights use --init-from {run_dir}"
+            )
+    merged = {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    merged.update(out=str(run_dir), overwrite=False, init_from=saved.get("init_from"))
+    merged["data"] = data if data is not None else ckpt.state["data"]["spec"]
+    try:
+        cfg = TrainConfig(**merged)
+    except TypeError as e:
+        raise TinyGPTError(
+            f"the settings saved in {ckpt.path} are not understood by this tinygpt: {e}"
+        ) from None
+    if cfg.max_steps is not None and cfg.max_steps < ckpt.step:
+        raise TinyGPTError(
+            f"--max-steps {cfg.max_steps} is below the step of the checkpoint ({ckpt.step}); "
+            f"give a larger --max-steps to train further"
+        )
+    return cfg, ckpt
+
+
+def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
+    """``settings`` with the model kind and shape taken from the ``init_from`` checkpoint.
+
+    A shape setting given explicitly must match the checkpoint's.
+    """
+    source = Path(settings["init_from"])
+    state = read_state(find_checkpoint(source, "best", warn))
+    kind, mc = state.get("model"), state.get("model_config", {})
+    if settings.get("model", kind) != kind:
+        raise TinyGPTError(f"--model {settings['model']} does not match {source}, a {kind} model")
+    out = {**settings, "model": kind}
+    for key in INIT_SHAPE_KEYS.get(kind, ()):
+        if key in settings and settings[key] != mc.get(key):
+            raise TinyGPTError(
+                f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
+                f"{mc.get(key)!r}; --init-from keeps the model's shape"
+            )
+        out[key] = mc[key]
+    for key in INIT_DEFAULT_KEYS.get(kind, ()):
+        out.setdefault(key, mc[key])
+    return out
+
+
+def _corpus_for_vocab(cfg: TrainConfig, corpus: Corpus, init: Checkpoint) -> Corpus:
+    """The corpus encoded with the vocabulary of the model being fine-tuned."""
+    if corpus.tokenizer == init.tokenizer:
+        return corpus
+    unknown = init.tokenizer.unknown_chars("".join(corpus.tokenizer.chars))
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise TinyGPTError(
+            f"{cfg.data} has {len(unknown)} character(s) that the model in {cfg.init_from} does "
+            f"not know ({shown}{more}); --init-from needs a text within the model's vocabulary"
+        )
+    return load_corpus(cfg.data, cfg.encoding_errors, tokenizer=init.tokenizer)
+
+
+def _init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: Checkpoint) -> None:
+    if init.model_kind != cfg.model:
+        raise TinyGPTError(
+            f"--init-from {cfg.init_from} holds a {init.model_kind} model, not {cfg.model}"
+        )
+    mc = init.state["model_config"]
+    for key in ("vocab_size", *INIT_SHAPE_KEYS.get(cfg.model, ())):
+        if getattr(model_config, key) != mc.get(key):
+            raise TinyGPTError(
+                f"the model of {cfg.init_from} has {key} = {mc.get(key)!r}, this run "
+                f"{getattr(model_config, key)!r}; --init-from needs the same shape"
+            )
+    try:
+        model.load_state_dict(init.model.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise TinyGPTError(
+            f"the weights of {cfg.init_from} do not fit this model: {first}"
+        ) from None
+
+
+def _resume_corpus(cfg: TrainConfig, ckpt: TrainingCheckpoint) -> Corpus:
+    data = ckpt.state["data"]
+    corpus = load_corpus(cfg.data, cfg.encoding_errors)
+    if corpus.fingerprint != data.get("fingerprint"):
+        raise TinyGPTError(
+            f"the text {cfg.data} is not the one the run was trained on (fingerprint "
+            f"{corpus.fingerprint[:12]}, the run's is {str(data.get('fingerprint'))[:12]}); "
+            f"--resume needs the same text -- to train on this one start a new run with "
+            f"--init-from {cfg.run_dir}"
+        )
+    tokenizer = CharTokenizer.from_dict(ckpt.state["tokenizer"])
+    if corpus.tokenizer != tokenizer:  # a fine-tuned run keeps its source model's vocabulary
+        corpus = load_corpus(cfg.data, cfg.encoding_errors, tokenizer=tokenizer)
+    return corpus
+
+
+# ------------------------------------------------------------------------------------- signals
+
+
+class _SignalCatcher:
+    """First SIGINT/SIGTERM: note it (the loop saves and stops). Second: abort at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.signum: int | None = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, saved=False)
+        self.signum = signum
+
+    def __enter__(self) -> _SignalCatcher:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------------------------ training
 
 
 @torch.no_grad()
@@ -113,29 +449,73 @@ def train(
     cfg: TrainConfig,
     log: Callable[[str], None] = print,
     progress_bar: bool | None = None,
+    resume: TrainingCheckpoint | None = None,
+    warn: Warn | None = None,
+    handle_signals: bool = True,
 ) -> TrainResult:
     """Train a model as ``cfg`` says; returns the final model and its losses.
 
-    ``progress_bar=None`` shows the bar only when stderr is a terminal.
+    ``resume`` (from ``prepare_resume``) continues a run from its checkpoint. ``progress_bar=None``
+    shows the bar only when stderr is a terminal. With ``handle_signals`` (and in the main thread)
+    SIGINT/SIGTERM save a checkpoint and raise ``TrainingInterrupted``.
     """
+    warn = warn or warn_stderr
     run_dir = Path(cfg.run_dir)
     device = pick_device(cfg.device)
-    corpus = load_corpus(cfg.data, cfg.encoding_errors)
+    init = None
+    if resume is not None:
+        corpus = _resume_corpus(cfg, resume)
+    else:
+        corpus = load_corpus(cfg.data, cfg.encoding_errors)
+        if cfg.init_from:
+            init = load_checkpoint(Path(cfg.init_from), "best", "cpu", warn)
+            corpus = _corpus_for_vocab(cfg, corpus, init)
     corpus.check_block_size(cfg.block_size)
     tokenizer = corpus.tokenizer
-    _prepare_run_dir(run_dir, cfg.overwrite)
 
     torch.manual_seed(cfg.seed)
     model_config = cfg.model_config(tokenizer.vocab_size)
-    model = build_model(cfg.model, model_config).to(device)
+    model = build_model(cfg.model, model_config)
+    if init is not None:
+        _init_weights_from(model, cfg, model_config, init)
+    if resume is not None:
+        saved_model = (resume.state["model"], resume.state["model_config"])
+        if saved_model != (cfg.model, model_config.to_dict()):
+            raise TinyGPTError(
+                f"the checkpoint {resume.path} holds a different model than its run's settings "
+                f"describe; it cannot be resumed"
+            )
+        model.load_state_dict(resume.weights)
+    model.to(device)
     optimizer = configure_optimizer(model, cfg)
+    if resume is not None:
+        try:
+            optimizer.load_state_dict(resume.optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TinyGPTError(f"the optimizer state in {resume.path} does not fit: {e}") from None
+
+    with _run_lock(run_dir):
+        if resume is not None:
+            _prepare_resume_dir(run_dir, resume, cfg.keep, warn)
+        else:
+            _prepare_run_dir(run_dir, cfg.overwrite)
+        return _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, device,
+                           corpus, model_config, model, optimizer)
+
+
+def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, device, corpus,
+                model_config, model, optimizer) -> TrainResult:
+    tokenizer = corpus.tokenizer
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"model {cfg.model} ({cfg.preset}): {n_params / 1e6:.3f}M parameters, vocab "
         f"{tokenizer.vocab_size}, {len(corpus.tokens):,} tokens, device {device}, run {run_dir}"
     )
+    if init is not None:
+        log(f"weights from {init.path} (step {init.state.get('step')}); new optimizer and schedule")
 
-    # Batches come from their own generators: training draws never depend on evaluation.
+    # Batches come from their own generators: training draws never depend on evaluation. The
+    # evaluation batches are drawn once from a fixed seed, so a resumed run gets the same ones.
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 1)
     B, T = cfg.batch_size, cfg.block_size
@@ -157,9 +537,23 @@ def train(
         "data": _data_record(cfg, corpus),
     }
     metrics_path = run_dir / "metrics.jsonl"
-    best_val = math.inf
+    best_val, best_step = math.inf, None
     train_loss = val_loss = math.nan
     tokens_per_s = 0.0
+    step, elapsed = 0, 0.0
+    lr = lr_at(0, 0.0, cfg.lr, min_lr, cfg.warmup_steps)
+    saved_step = None  # the step of the newest checkpoint on disk
+    if resume is not None:
+        st = resume.state
+        step, elapsed = resume.step, float(st["elapsed_s"])
+        best_val = st["best_val_loss"] if st.get("best_val_loss") is not None else math.inf
+        best_step = st.get("best_step")
+        train_loss, val_loss = st.get("train_loss", math.nan), st.get("val_loss", math.nan)
+        lr, tokens_per_s = st.get("lr", lr), st.get("tokens_per_s", 0.0)
+        saved_step = step
+        log(f"resuming from {resume.path} at step {step}")
+        if max_steps is not None and step >= max_steps:
+            log(f"the run already reached --max-steps {max_steps}; give a larger one to go further")
 
     def progress_of(step: int, elapsed: float) -> float:
         p = 0.0
@@ -170,73 +564,111 @@ def train(
             p = max(p, elapsed / max_time)
         return p
 
-    def evaluate_and_save(step: int, elapsed: float, lr: float) -> None:
-        nonlocal best_val, train_loss, val_loss
+    def save(step: int, elapsed: float, record: dict | None, improved: bool) -> None:
+        nonlocal saved_step
+        state = {
+            **base_state, "step": step, "train_loss": train_loss, "val_loss": val_loss,
+            "best_val_loss": None if math.isinf(best_val) else best_val, "best_step": best_step,
+            "elapsed_s": elapsed, "lr": lr, "tokens_per_s": tokens_per_s,
+            "evaluated": record is not None, "metrics": record,
+        }
+        save_run_checkpoint(run_dir, model, optimizer, state, capture_rng(batch_gen),
+                            is_best=improved, keep=cfg.keep)
+        saved_step = step
+
+    def evaluate_and_save(step: int, elapsed: float) -> None:
+        nonlocal best_val, best_step, train_loss, val_loss
         train_loss = estimate_loss(model, eval_batches["train"])
         val_loss = estimate_loss(model, eval_batches["val"])
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise TinyGPTError(
+                f"the evaluation at step {step} gave loss {val_loss}: the weights are no longer "
+                f"finite; nothing was saved{_newest(saved_step)} -- try a lower --lr"
+            )
         record = {
             "step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
             "tokens": step * B * T, "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
         }
+        improved = val_loss < best_val
+        if improved:
+            best_val, best_step = val_loss, step
+        # The checkpoint first, then the log line: a resumed run restores the line from the
+        # checkpoint if a crash came between the two.
+        save(step, elapsed, record, improved)
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        state = {**base_state, "step": step, "train_loss": train_loss, "val_loss": val_loss,
-                 "best_val_loss": best_val, "elapsed_s": elapsed}
-        save_checkpoint(run_dir / "last", model, optimizer, state)
-        if improved:
-            save_checkpoint(run_dir / "best", model, None, state)
         bar.write(f"step {step:>6}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     total = max_steps if max_time is None else None
-    bar = tqdm(total=total, disable=(not progress_bar) if progress_bar is not None else None,
+    bar = tqdm(total=total, initial=step,
+               disable=(not progress_bar) if progress_bar is not None else None,
                unit="step", dynamic_ncols=True, leave=False)
     model.train()
-    step, elapsed = 0, 0.0
-    lr = lr_at(0, 0.0, cfg.lr, min_lr, cfg.warmup_steps)
-    t0 = time.perf_counter()
+    skip_eval_at = step if resume is not None and resume.state.get("evaluated") else None
+    if resume is not None:
+        restore_rng(resume.rng_state, batch_gen)  # last: nothing may draw after this
+    t0 = time.perf_counter() - elapsed
+    catcher = _SignalCatcher(handle_signals)
     try:
-        while True:
-            elapsed = time.perf_counter() - t0
-            done = (max_steps is not None and step >= max_steps) or (
-                max_time is not None and elapsed >= max_time
-            )
-            if step % cfg.eval_interval == 0 or done:
-                evaluate_and_save(step, elapsed, lr)
-            if done:
-                break
-
-            lr = lr_at(step, progress_of(step, elapsed), cfg.lr, min_lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t_step = time.perf_counter()
-            x, y = corpus.get_batch("train", B, T, batch_gen)
-            x, y = x.to(device), y.to(device)
-            _, loss = model(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            else:
-                grad_norm = torch.zeros(())
-            loss_value = loss.item()
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
-                raise TinyGPTError(
-                    f"loss became {loss_value} (gradient norm {grad_norm.item()}) at step {step}; "
-                    f"training stopped before the update -- try a lower --lr"
+        with catcher:
+            while True:
+                elapsed = time.perf_counter() - t0
+                done = (max_steps is not None and step >= max_steps) or (
+                    max_time is not None and elapsed >= max_time
                 )
-            optimizer.step()
-            step += 1
-            dt = time.perf_counter() - t_step
-            rate = B * T / max(dt, 1e-9)
-            tokens_per_s = rate if step == 1 else 0.9 * tokens_per_s + 0.1 * rate
-            bar.update(1)
-            postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
-            if max_time is not None:
-                postfix["left"] = f"{max(max_time - elapsed, 0):.0f}s"
-            bar.set_postfix(postfix, refresh=False)
+                if (step % cfg.eval_interval == 0 or done) and step != skip_eval_at:
+                    evaluate_and_save(step, elapsed)
+                if done:
+                    break
+                if catcher.signum is not None:
+                    if saved_step != step:
+                        name = signal.Signals(catcher.signum).name
+                        log(f"{name}: saving a checkpoint at step {step} (send it again to "
+                            f"abort at once)")
+                        save(step, elapsed, None, False)
+                    raise TrainingInterrupted(catcher.signum, saved=True)
+
+                lr = lr_at(step, progress_of(step, elapsed), cfg.lr, min_lr, cfg.warmup_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t_step = time.perf_counter()
+                x, y = corpus.get_batch("train", B, T, batch_gen)
+                x, y = x.to(device), y.to(device)
+                _, loss = model(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = torch.zeros(())
+                loss_value = loss.item()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+                    raise TinyGPTError(
+                        f"loss became {loss_value} (gradient norm {grad_norm.item()}) at step "
+                        f"{step}; training stopped before the update{_newest(saved_step)} -- "
+                        f"try a lower --lr"
+                    )
+                try:
+                    optimizer.step()
+                except RuntimeError as e:  # e.g. an LR too large for float32
+                    raise TinyGPTError(
+                        f"the update at step {step} failed ({str(e).strip().splitlines()[0]}); "
+                        f"training stopped{_newest(saved_step)} -- try a lower --lr"
+                    ) from None
+                step += 1
+                fault_point("step", step)
+                dt = time.perf_counter() - t_step
+                rate = B * T / max(dt, 1e-9)
+                tokens_per_s = rate if step == 1 else 0.9 * tokens_per_s + 0.1 * rate
+                bar.update(1)
+                postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+                if max_time is not None:
+                    postfix["left"] = f"{max(max_time - elapsed, 0):.0f}s"
+                bar.set_postfix(postfix, refresh=False)
+    except TrainingInterrupted as e:
+        e.step, e.checkpoint_step, e.run_dir = step, saved_step, str(run_dir)
+        raise
     finally:
         bar.close()
 
@@ -245,6 +677,21 @@ def train(
         sample = sample_text(model, tokenizer, cfg.sample_chars, seed=cfg.seed, device=device,
                              block_size=getattr(model_config, "block_size", 1))
     return TrainResult(run_dir, step, train_loss, val_loss, best_val, model, tokenizer, sample)
+
+
+def _newest(saved_step: int | None) -> str:
+    if saved_step is None:
+        return ""
+    return f", the newest checkpoint (step {saved_step}) is intact"
+
+
+def resume_run(
+    run_dir: Path, overrides: dict | None = None, log: Callable[[str], None] = print, **kwargs
+) -> TrainResult:
+    """Continue the run in ``run_dir`` (``overrides`` as for ``prepare_resume``)."""
+    warn = kwargs.get("warn")
+    cfg, ckpt = prepare_resume(Path(run_dir), overrides, warn)
+    return train(cfg, log=log, resume=ckpt, **kwargs)
 
 
 def sample_text(
@@ -260,5 +707,6 @@ def sample_text(
     ids = tokenizer.encode(prompt) if not tokenizer.unknown_chars(prompt) else [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = make_generator(seed, device)
-    out = [int(t[0]) for t in generate_tokens(model, idx, num_chars, SamplingConfig(), gen, block_size)]
+    tokens = generate_tokens(model, idx, num_chars, SamplingConfig(), gen, block_size)
+    out = [int(t[0]) for t in tokens]
     return tokenizer.decode(out)

@@ -9,7 +9,9 @@ from tinygpt.models.gpt import GPT, GPTConfig
 
 MODEL_KINDS = ("bigram", "gpt")
 
-__all__ = ["GPT", "GPTConfig", "BigramLM", "BigramConfig", "MODEL_KINDS", "build_model", "make_config"]
+__all__ = [
+    "GPT", "GPTConfig", "BigramLM", "BigramConfig", "MODEL_KINDS", "build_model", "make_config",
+]
 
 
 def make_config(kind: str, config: dict) -> BigramConfig | GPTConfig:
