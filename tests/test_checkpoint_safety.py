@@ -11,14 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from resume_helpers import (
-    leftovers,
-    logged_steps,
-    losses,
-    main_in_process,
-    train_in_process,
-    weights_digest,
-)
 from tinygpt import checkpoint as ckpt_mod
 from tinygpt.checkpoint import (
     MANIFEST,
@@ -32,6 +24,15 @@ from tinygpt.checkpoint import (
 )
 from tinygpt.errors import TinyGPTError
 from tinygpt.models import GPT, GPTConfig
+
+from .resume_helpers import (
+    leftovers,
+    logged_steps,
+    losses,
+    main_in_process,
+    train_in_process,
+    weights_digest,
+)
 
 
 def rewrite_manifest(folder: Path) -> None:

@@ -179,11 +179,11 @@ def test_unknown_checkpoint_version_via_cli(trained, cli, tmp_path):
     run, _ = trained
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    for name in ("last", "best"):
-        p = copy / name / "state.json"
-        s = json.loads(p.read_text())
-        s["format_version"] = 42
-        p.write_text(json.dumps(s))
+    from .test_checkpoint import set_format_version
+
+    for folder in copy.iterdir():
+        if folder.is_dir():
+            set_format_version(folder, 42)
     proc = cli("sample", copy)
     assert proc.returncode == 2 and "format version 42" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -69,6 +69,12 @@ def test_cosine_factor():
     assert lr_factor("cosine", 10, 1.0, 4, 0.1) == pytest.approx(0.1)
 
 
+def test_cosine_is_monotone_after_warmup():
+    values = [lr_factor("cosine", s, (s - 10) / 90, 10, 0.1) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(0.1)
+
+
 def test_wsd_factor_is_flat_then_decays_linearly_to_the_end_value():
     f = lambda p: lr_factor("wsd", 100, p, 10, 0.0, decay_fraction=0.2)  # noqa: E731
     assert f(0.0) == f(0.5) == f(0.8) == 1.0

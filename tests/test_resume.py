@@ -8,7 +8,9 @@ import signal
 
 import pytest
 
-from resume_helpers import (
+from tinygpt.checkpoint import list_step_dirs, load_checkpoint, verify_checkpoint
+
+from .resume_helpers import (
     flags,
     leftovers,
     logged_steps,
@@ -22,7 +24,6 @@ from resume_helpers import (
     wait_for_step,
     weights_digest,
 )
-from tinygpt.checkpoint import list_step_dirs, load_checkpoint, verify_checkpoint
 
 
 def _kill_resume_chain(small_text, tmp_path, faults):

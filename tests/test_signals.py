@@ -9,7 +9,13 @@ import signal
 import pytest
 import torch
 
-from resume_helpers import (
+from tinygpt import checkpoint as ckpt_mod
+from tinygpt.checkpoint import list_step_dirs, load_training_checkpoint
+from tinygpt.config import TrainConfig
+from tinygpt.errors import TrainingInterrupted
+from tinygpt.train import train
+
+from .resume_helpers import (
     flags,
     leftovers,
     losses,
@@ -20,11 +26,6 @@ from resume_helpers import (
     wait_for_step,
     weights_digest,
 )
-from tinygpt import checkpoint as ckpt_mod
-from tinygpt.checkpoint import list_step_dirs, load_training_checkpoint
-from tinygpt.config import TrainConfig
-from tinygpt.errors import TrainingInterrupted
-from tinygpt.train import train
 
 # A warmup longer than any run here keeps the LR independent of --max-steps, so a run stopped
 # at step k and resumed up to k + 6 can be compared with a run of k + 6 steps.

@@ -218,7 +218,7 @@ def save_checkpoint(
     if bad:
         raise TinyGPTError(f"refusing to save a checkpoint: weight {bad} is not finite")
     optimizer_state = optimizer.state_dict() if optimizer is not None else None
-    if optimizer_state is not None and _nonfinite_tensor(optimizer_state["state"]):
+    if optimizer_state is not None and _nonfinite_tensor(optimizer_state):
         raise TinyGPTError("refusing to save a checkpoint: the optimizer state is not finite")
     parent = ckpt_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -607,7 +607,7 @@ def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> Trainin
         model, _ = _model_from(folder, state)  # the weights fit the described model
         weights = model.state_dict()
         optimizer_state = load_tensor_file(folder / OPTIMIZER)
-        if _nonfinite_tensor(optimizer_state.get("state", {})):
+        if _nonfinite_tensor(optimizer_state):
             raise CheckpointError(f"{OPTIMIZER} holds NaN or Inf")
         rng_state = load_tensor_file(folder / RNG)
         for key in ("python", "numpy", "torch_cpu", "batch_gen"):

@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
+from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 # Each preset overrides some defaults. `cpu` is the default for the GPT (its values are also the
 # dataclass defaults); `bigram` is the default for the bigram model (the mid-term assignment);
@@ -80,8 +81,18 @@ class TrainConfig:
     bias: bool = _opt(True, "biases in Linear and LayerNorm layers")
     causal: bool = _opt(True, "mask future positions (--no-causal is a lesson in why it matters)")
     # optimisation
-    lr: float = _opt(1e-3, "peak learning rate")
-    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
+    optimizer: str = _opt(
+        "adamw", "adamw, or muon (Muon for the block matrices, AdamW for the rest)",
+        choices=OPTIMIZERS,
+    )
+    lr: float = _opt(1e-3, "peak learning rate (AdamW)")
+    muon_lr: float = _opt(0.02, "peak learning rate of Muon (with --optimizer muon)")
+    schedule: str = _opt(
+        "cosine", "cosine decay, or wsd (warmup-stable-decay: flat, then a linear decay)",
+        choices=SCHEDULES,
+    )
+    decay_fraction: float = _opt(0.2, "wsd: the final fraction of the run spent decaying")
+    min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak")
     warmup_steps: int = _opt(100, "linear warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay on weight matrices")
     beta1: float = _opt(0.9, "AdamW beta1")
@@ -89,11 +100,15 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: off)")
     max_steps: int | None = _opt(2000, "optimizer steps")
     max_time: str | None = _opt(
-        None, "wall-clock budget, e.g. 90s or 5m; the LR schedule is stretched over it"
+        None, "training-time budget, e.g. 90s or 5m (evaluations and checkpoints not counted); "
+        "the LR schedule is stretched over it"
     )
     # bookkeeping
     eval_interval: int = _opt(250, "steps between evaluations and checkpoints")
     eval_iters: int = _opt(50, "batches per split in each evaluation")
+    full_val: bool = _opt(
+        False, "evaluate val loss over the whole val split (as tinygpt eval does), not on batches"
+    )
     keep: int = _opt(
         1, "older step checkpoints to keep besides last and best", metavar="N"
     )
@@ -116,8 +131,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.max_steps is not None and _bad_int(self.max_steps, minimum=1):
             raise ValueError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        if not _finite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("lr", "muon_lr"):
+            v = getattr(self, name)
+            if not _finite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not _finite(self.decay_fraction) or not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction!r}")
         if not _finite(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         for name in ("weight_decay", "grad_clip"):

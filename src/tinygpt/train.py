@@ -1,7 +1,9 @@
 """The training loop: sample a batch, compute the loss, backpropagate, step the optimizer.
 
-Around that core: a learning-rate schedule (linear warmup, then cosine decay), gradient clipping,
-periodic evaluation on fixed batches, a progress bar, ``metrics.jsonl`` and checkpoints.
+Around that core: a learning-rate schedule (linear warmup, then cosine or warmup-stable-decay),
+gradient clipping, periodic evaluation, a progress bar, ``metrics.jsonl`` and checkpoints.
+``--max-time`` budgets training time: evaluations and checkpoints do not eat into it, so how often
+one evaluates does not change what the budget buys.
 
 A run survives being stopped: SIGINT or SIGTERM finish the current step and save a checkpoint,
 and ``train(cfg, resume=...)`` (``tinygpt train --resume RUN_DIR``) continues from the newest
@@ -51,8 +53,10 @@ from tinygpt.checkpoint import (
 from tinygpt.config import TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
+from tinygpt.evaluate import evaluate_tokens
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import build_model
+from tinygpt.optim import CombinedOptimizer, build_optimizer, lr_factor
 from tinygpt.tokenizer import CharTokenizer
 
 # Settings that --resume may change: none of them changes what a step computes (max_steps and
@@ -83,26 +87,12 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def lr_at(step: int, progress: float, lr: float, min_lr: float, warmup_steps: int) -> float:
-    """Learning rate for ``step``: linear warmup over ``warmup_steps``, then cosine decay.
-
-    ``progress`` in [0, 1] is how far through the run we are (steps done / max steps, or time used
-    / time budget), so the same curve stretches over a step count or a wall-clock budget.
-    """
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(max(progress, 0.0), 1.0)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on weight matrices and embeddings, none on biases and norm gains."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
+    """The optimizer ``cfg`` asks for (see ``tinygpt.optim``)."""
+    return build_optimizer(
+        model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+    )
 
 
 @dataclass
@@ -528,7 +518,6 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
     }
 
     max_steps, max_time = cfg.max_steps, cfg.max_time_s
-    min_lr = cfg.lr * cfg.min_lr_ratio
     base_state = {
         "model": cfg.model,
         "model_config": model_config.to_dict(),
@@ -540,8 +529,22 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
     best_val, best_step = math.inf, None
     train_loss = val_loss = math.nan
     tokens_per_s = 0.0
-    step, elapsed = 0, 0.0
-    lr = lr_at(0, 0.0, cfg.lr, min_lr, cfg.warmup_steps)
+    step, elapsed = 0, 0.0  # elapsed: training time, without evaluations and checkpoints
+
+    def progress_of(step: int, elapsed: float) -> float:
+        p = 0.0
+        if max_steps:
+            span = max(max_steps - cfg.warmup_steps, 1)
+            p = max(p, (step - cfg.warmup_steps) / span)
+        if max_time:
+            p = max(p, elapsed / max_time)
+        return p
+
+    def factor_at(step: int, elapsed: float) -> float:
+        return lr_factor(cfg.schedule, step, progress_of(step, elapsed), cfg.warmup_steps,
+                         cfg.min_lr_ratio, cfg.decay_fraction)
+
+    lr = cfg.lr * factor_at(0, 0.0)
     saved_step = None  # the step of the newest checkpoint on disk
     if resume is not None:
         st = resume.state
@@ -554,15 +557,6 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
         log(f"resuming from {resume.path} at step {step}")
         if max_steps is not None and step >= max_steps:
             log(f"the run already reached --max-steps {max_steps}; give a larger one to go further")
-
-    def progress_of(step: int, elapsed: float) -> float:
-        p = 0.0
-        if max_steps:
-            span = max(max_steps - cfg.warmup_steps, 1)
-            p = max(p, (step - cfg.warmup_steps) / span)
-        if max_time:
-            p = max(p, elapsed / max_time)
-        return p
 
     def save(step: int, elapsed: float, record: dict | None, improved: bool) -> None:
         nonlocal saved_step
@@ -579,7 +573,11 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
     def evaluate_and_save(step: int, elapsed: float) -> None:
         nonlocal best_val, best_step, train_loss, val_loss
         train_loss = estimate_loss(model, eval_batches["train"])
-        val_loss = estimate_loss(model, eval_batches["val"])
+        if cfg.full_val:
+            val_loss = evaluate_tokens(model, corpus.split("val"), T, batch_size=64,
+                                       device=device)["val_loss"]
+        else:
+            val_loss = estimate_loss(model, eval_batches["val"])
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise TinyGPTError(
                 f"the evaluation at step {step} gave loss {val_loss}: the weights are no longer "
@@ -608,12 +606,10 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
     skip_eval_at = step if resume is not None and resume.state.get("evaluated") else None
     if resume is not None:
         restore_rng(resume.rng_state, batch_gen)  # last: nothing may draw after this
-    t0 = time.perf_counter() - elapsed
     catcher = _SignalCatcher(handle_signals)
     try:
         with catcher:
             while True:
-                elapsed = time.perf_counter() - t0
                 done = (max_steps is not None and step >= max_steps) or (
                     max_time is not None and elapsed >= max_time
                 )
@@ -629,10 +625,11 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                         save(step, elapsed, None, False)
                     raise TrainingInterrupted(catcher.signum, saved=True)
 
-                lr = lr_at(step, progress_of(step, elapsed), cfg.lr, min_lr, cfg.warmup_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 t_step = time.perf_counter()
+                factor = factor_at(step, elapsed)
+                lr = cfg.lr * factor
+                for group in optimizer.param_groups:  # each group follows the curve from its peak
+                    group["lr"] = group["base_lr"] * factor
                 x, y = corpus.get_batch("train", B, T, batch_gen)
                 x, y = x.to(device), y.to(device)
                 _, loss = model(x, y)
@@ -659,6 +656,7 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                 step += 1
                 fault_point("step", step)
                 dt = time.perf_counter() - t_step
+                elapsed += dt
                 rate = B * T / max(dt, 1e-9)
                 tokens_per_s = rate if step == 1 else 0.9 * tokens_per_s + 0.1 * rate
                 bar.update(1)
