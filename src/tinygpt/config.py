@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
+from tinygpt.models.gpt import POS_EMBEDDINGS
 
 # Each preset overrides some defaults. `cpu` is the default for the GPT (its values are also the
 # dataclass defaults); `bigram` is the default for the bigram model (the mid-term assignment);
@@ -75,6 +76,10 @@ class TrainConfig:
     dropout: float = _opt(0.0, "dropout probability")
     bias: bool = _opt(True, "biases in Linear and LayerNorm layers")
     causal: bool = _opt(True, "mask future positions (--no-causal is a lesson in why it matters)")
+    pos_embedding: str = _opt(
+        "learned", "positions: a learned table, or rotary embeddings (rope)",
+        choices=POS_EMBEDDINGS,
+    )
     # optimisation
     lr: float = _opt(1e-3, "peak learning rate")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of --lr")
@@ -145,7 +150,7 @@ class TrainConfig:
         return GPTConfig(
             vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-            causal=self.causal,
+            causal=self.causal, pos_embedding=self.pos_embedding,
         )
 
     def to_dict(self) -> dict:
