@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from tinygpt import cli
+from tinygpt.checkpoint import save_checkpoint
 from tinygpt.engine import Engine, KVCache, TextStream, generate_text, stream
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import GPT, BigramConfig, BigramLM, GPTConfig
@@ -300,3 +302,59 @@ def test_stream_rejects_bad_settings(gpt):
             list(stream(gpt, TOK, "a", 5, **kw))
     with pytest.raises(ValueError, match="max_new_tokens"):
         list(stream(gpt, TOK, "a", -1))
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A checkpoint of a small random rotary GPT over the characters of TOK."""
+    model = make_gpt("rope", seed=5)
+    state = {"model": "gpt", "model_config": model.config.to_dict(),
+             "tokenizer": TOK.to_dict(), "step": 0}
+    save_checkpoint(tmp_path / "run" / "best", model, None, state)
+    return tmp_path / "run"
+
+
+def test_cli_cached_and_no_cache_give_the_same_text(cli, run_dir):
+    args = ["sample", run_dir, "--prompt", "abc", "--num-chars", 3 * BS, "--seed", 3,
+            "--num-samples", 3, "--top-k", 5]
+    fast = cli(*args, "--verbose", check=True)
+    slow = cli(*args, "--no-cache", check=True)
+    assert fast.stdout == slow.stdout
+    lines = fast.stdout.splitlines()
+    assert lines[0::2] == ["--- sample 1 ---", "--- sample 2 ---", "--- sample 3 ---"]
+    assert all(line.startswith("abc") and len(line) == 3 + 3 * BS for line in lines[1::2])
+    assert "chars/s" in fast.stderr and "chars/s" not in slow.stderr
+    # Sample i is what seed + i gives on its own.
+    second = cli("sample", run_dir, "--prompt", "abc", "--num-chars", 3 * BS, "--seed", 4,
+                 "--top-k", 5, check=True)
+    assert second.stdout == lines[3] + "\n"
+
+
+def test_cli_stop(cli, run_dir):
+    base = ["sample", run_dir, "--prompt", "a", "--num-chars", 40, "--seed", 8]
+    full = cli(*base, check=True).stdout[1:-1]  # without the prompt and the final newline
+    stop = full[15:17]
+    out = cli(*base, "--stop", stop, "--stop", "zzz", check=True).stdout
+    assert out == "a" + full[: full.find(stop)] + "\n"
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--stop", ""], "stop strings must be non-empty"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--window-shift", "0"], "--window-shift must be >= 1"),
+        (["--window-shift", str(BS + 1)], "at most the context length"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--prompt", "xyz!"], "does not know"),
+    ],
+)
+def test_cli_bad_values_exit_2_with_one_line(run_dir, capsys, flags, match):
+    code = cli.main(["sample", str(run_dir), "--prompt", "a", *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert match in err and err.count("\n") == 1 and err.startswith("tinygpt sample: error:")
