@@ -17,9 +17,11 @@ for learned and rotary positions alike:
   survive a shift, but from the second layer on a key also carries what its token gathered by
   attending to the tokens before it, and the oldest of those just left the window.
 
-So to stay identical to the reference, a sequence whose window is full re-prefills its last
-``block_size`` tokens at every step (``window_shift=1``, the default). That costs what the
-reference costs, but only beyond the block size. ``window_shift=S`` instead drops ``S`` tokens
+No cheaper exact scheme exists: the reference's answer depends on every layer's state of every
+token in the window, and all of those change when the window's first token changes. So to stay
+identical to the reference, a sequence whose window is full recomputes its last ``block_size``
+tokens at every step (``window_shift=1``, the default): what the reference costs, but only beyond
+the block size. ``window_shift=S`` instead drops ``S`` tokens
 from the front when the window overflows and re-prefills the rest, so the next ``S - 1`` steps
 decode from the cache: much faster for long texts, but the model then sees between
 ``block_size - S + 1`` and ``block_size`` tokens, and the text differs from the reference.
@@ -298,10 +300,12 @@ class Engine:
                 out[j] = s._logits
         for T, js in prefill.items():
             group = [states[j] for j in js]
-            cache = KVCache.for_model(self.model, len(group))
+            # A full window slides at the next step anyway: no point in caching its keys.
+            keep = T < bs or self.window_shift > 1
+            cache = KVCache.for_model(self.model, len(group)) if keep else None
             out[js] = self._forward_last([s.tokens[s._start :] for s in group], cache)
             for row, s in enumerate(group):
-                s._cache, s._row, s._cached = cache, row, T
+                s._cache, s._row, s._cached = cache, row, T if keep else 0
         for T, js in extend.items():
             group = [states[j] for j in js]
             cache = self._batch_cache(group)
