@@ -129,7 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default: 1)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="independent samples, decoded in one batch; sample i uses seed + i. "
+                   "The first is streamed, the others follow as soon as it ends (default: 1)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a sample where STR first appears, STR excluded (repeatable)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="recompute the whole context for every character (the reference "
+                   "path: same text, slower)")
+    p.add_argument("--window-shift", type=int, default=1, metavar="N",
+                   help="past the context length, slide the window N characters at a time: "
+                   "1 matches --no-cache exactly; larger is faster for long texts but gives "
+                   "other text (default: 1)")
+    p.add_argument("--verbose", action="store_true", help="report characters per second on stderr")
     _add_load_flags(p)
 
     p = sub.add_parser("eval", help="loss over the whole validation split")
@@ -178,10 +190,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    import time
+
     import torch
 
     from tinygpt.checkpoint import load_checkpoint
-    from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
+    from tinygpt.engine import TextStream, stream
+    from tinygpt.generate import SamplingConfig
     from tinygpt.train import pick_device
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -189,6 +204,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise TinyGPTError(f"--num-chars must be >= 0, got {args.num_chars}")
     if args.num_samples < 1:
         raise TinyGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.window_shift < 1:
+        raise TinyGPTError(f"--window-shift must be >= 1, got {args.window_shift}")
+    if not args.prompt:
+        raise TinyGPTError("--prompt must not be empty")
+    TextStream(args.stop)  # reject empty stop strings before loading anything
     device = pick_device(args.device)
     ckpt = load_checkpoint(Path(args.run_dir), args.checkpoint, device)
     tok = ckpt.tokenizer
@@ -198,22 +218,58 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"the prompt has characters the model does not know: "
             f"{', '.join(repr(c) for c in unknown)}"
         )
-    if not args.prompt:
-        raise TinyGPTError("--prompt must not be empty")
     block_size = ckpt.block_size or 1
+    if args.window_shift > block_size:
+        raise TinyGPTError(
+            f"--window-shift must be at most the context length {block_size}, "
+            f"got {args.window_shift}"
+        )
     base_seed = args.seed if args.seed is not None else int(torch.seed() % (2**31))
+    n = args.num_samples
     out = sys.stdout
-    for i in range(args.num_samples):
-        if args.num_samples > 1:
+
+    # All samples are decoded together, but printed one after another: the sample being
+    # printed is streamed, the text of later ones waits in a buffer until their turn.
+    buffered = [""] * n
+    finished = [False] * n
+    shown = 0  # the sample being printed
+
+    def start(i: int) -> None:
+        if n > 1:
             out.write(f"--- sample {i + 1} ---\n")
-        gen = make_generator(base_seed + i, device)
-        idx = torch.tensor([tok.encode(args.prompt)], dtype=torch.long, device=device)
-        out.write(args.prompt)
-        for t in generate_tokens(ckpt.model, idx, args.num_chars, sampling, gen, block_size):
-            out.write(tok.decode([int(t[0])]))
+        out.write(args.prompt + buffered[i])
+        out.flush()
+
+    t0 = time.perf_counter()
+    chars = 0
+    start(0)
+    pieces = stream(
+        ckpt.model, tok, args.prompt, args.num_chars, sampling, num_samples=n, seed=base_seed,
+        stop=args.stop, use_cache=args.use_cache, window_shift=args.window_shift,
+    )
+    for piece in pieces:
+        chars += len(piece.text)
+        if piece.sample == shown:
+            out.write(piece.text)
             out.flush()
-        out.write("\n")
+        else:
+            buffered[piece.sample] += piece.text
+        if piece.finish:
+            finished[piece.sample] = True
+        while shown < n and finished[shown]:
+            out.write("\n")
+            shown += 1
+            if shown < n:
+                start(shown)
     out.flush()
+    if args.verbose:
+        elapsed = time.perf_counter() - t0
+        path = "key/value cache" if args.use_cache else "no cache"
+        print(
+            f"{chars} chars in {elapsed:.2f} s: {chars / max(elapsed, 1e-9):,.0f} chars/s "
+            f"({n} sample{'s' if n > 1 else ''}, {path}, {device})",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
+from tinygpt.models.gpt import POS_EMBEDDINGS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 # Each preset overrides some defaults. `cpu` is the default for the GPT (its values are also the
@@ -80,6 +81,10 @@ class TrainConfig:
     dropout: float = _opt(0.0, "dropout probability")
     bias: bool = _opt(True, "biases in Linear and LayerNorm layers")
     causal: bool = _opt(True, "mask future positions (--no-causal is a lesson in why it matters)")
+    pos_embedding: str = _opt(
+        "learned", "positions: a learned table, or rotary embeddings (rope)",
+        choices=POS_EMBEDDINGS,
+    )
     # optimisation
     optimizer: str = _opt(
         "adamw", "adamw, or muon (Muon for the block matrices, AdamW for the rest)",
@@ -176,7 +181,7 @@ class TrainConfig:
         return GPTConfig(
             vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-            causal=self.causal,
+            causal=self.causal, pos_embedding=self.pos_embedding,
         )
 
     def to_dict(self) -> dict:

@@ -3,7 +3,14 @@
 Tokens become vectors (token embedding + learned position embedding); a stack of blocks lets every
 position gather information from earlier positions (masked self-attention) and then think about it
 on its own (MLP); a final LayerNorm and a linear head turn each position's vector into logits for
-the next character.
+the next character. With ``pos_embedding="rope"`` there is no position table: each head's queries
+and keys are rotated by an angle proportional to their position instead (rotary embeddings), so
+attention scores depend on how far apart two positions are rather than where they sit.
+
+``forward`` is a pure function of its input. For fast generation it optionally takes a key/value
+cache (``tinygpt.engine.KVCache``): each row then continues at the position where its cached keys
+end, and attention runs over the cached keys as well as the new ones. Sampling itself lives in
+``tinygpt.generate`` and ``tinygpt.engine``.
 
 Shapes in comments: B = batch, T = time (sequence length), C = channels (n_embd),
 H = heads, D = head size (C // H), V = vocabulary size.
@@ -13,10 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from tinygpt.engine import KVCache, LayerCache
+
+POS_EMBEDDINGS = ("learned", "rope")
+ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
 
 
 @dataclass
@@ -31,6 +45,9 @@ class GPTConfig:
     # Teaching switch: False lets every position attend to the future too. Training loss then
     # collapses (the answer is visible) while sampling, which has no future, produces garbage.
     causal: bool = True
+    # "learned": a table of block_size position vectors added to the token embeddings (GPT-2).
+    # "rope": rotary embeddings, queries and keys rotated by position inside every attention layer.
+    pos_embedding: str = "learned"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -44,9 +61,44 @@ class GPTConfig:
             )
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ValueError(
+                f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, "
+                f"got {self.pos_embedding!r}"
+            )
+        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"rope rotates channel pairs, so the head size n_embd / n_head must be even; "
+                f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def rope_tables(
+    head_size: int, n_pos: int, base: float = ROPE_BASE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (n_pos, head_size // 2).
+
+    Channel pair i of a head turns by ``pos * base ** (-2i / head_size)``: the first pairs spin
+    fast (fine position), the last ones slowly (coarse position), like the sinusoids of the
+    original transformer.
+    """
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)  # (n_pos, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x[..., i], x[..., i + D/2]) of ``x`` (B, H, T, D) by their angles.
+
+    ``cos`` and ``sin`` are (1 or B, 1, T, D/2). Rotating both q (at position m) and k (at
+    position n) makes q.k depend on m - n only: the dot product of two rotated vectors depends
+    on the difference of their angles.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, H, T, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -62,19 +114,34 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # (B, T, C) -> (B, H, T, D): every head attends independently.
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
+        if cache is not None:
+            # Store this step's keys and values; attend over everything cached so far, (B, H, L, D).
+            # The mask (B, 1, T, L) hides keys after each query and the padding of shorter rows;
+            # it is None when every key is visible or a plain causal mask does the job.
+            k, v, mask = cache.update(k, v)
         # softmax(q k^T / sqrt(D)) v, with the upper triangle masked out when causal. SDPA picks
         # a fused kernel; it is the lecture's `wei.masked_fill(tril == 0, -inf)` done fast.
+        # (is_causal aligns the triangle top-left, so it only applies when T == L.)
         y = F.scaled_dot_product_attention(
             q, k, v,
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal,
+            is_causal=self.causal and mask is None and T == k.size(2),
         )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -104,8 +171,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # residual connections keep gradients flowing
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)  # residual connections keep gradients flowing
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -115,7 +187,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token -> vector
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position -> vector
+        self.wpe = None
+        if config.pos_embedding == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position -> vector
+        else:
+            # Rotation tables for every position; derived from the config, so not saved.
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -140,17 +219,44 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) for the tokens ``idx`` (B, T), and the loss if ``targets`` is given.
+
+        With a ``cache``, ``idx`` holds only the tokens the cache has not seen: their keys and
+        values are appended to it, and row b's tokens sit at positions
+        ``cache.lengths[b], ..., cache.lengths[b] + T - 1``.
+        """
         B, T = idx.shape
-        if T > self.config.block_size:
+        start = 0 if cache is None else cache.longest
+        if start + T > self.config.block_size:
             raise ValueError(
-                f"sequence length {T} exceeds block_size {self.config.block_size}; crop the context"
+                f"sequence length {start + T} exceeds block_size {self.config.block_size}; "
+                f"crop the context"
             )
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) -> (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        if cache is None:
+            pos = torch.arange(T, device=idx.device)  # (T,)
+        else:
+            if not self.config.causal:
+                raise ValueError("a key/value cache needs a causal model")
+            pos = cache.prepare(T)  # (B, T): every row continues where its cache ends
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)  # + (T, C) or (B, T, C)
+        else:
+            # (T, D/2) -> (1, 1, T, D/2), or (B, T, D/2) -> (B, 1, T, D/2): broadcast over heads
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+            if pos.dim() == 1:
+                rope = (cos[None, None], sin[None, None])
+            else:
+                rope = (cos[:, None], sin[:, None])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache.layer(i))
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None

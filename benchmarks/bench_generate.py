@@ -1,0 +1,110 @@
+"""Generation speed: the key/value cache against the reference loop that recomputes everything.
+
+    python benchmarks/bench_generate.py                  # lecture-size model, 2000 chars, B=1 and 8
+    python benchmarks/bench_generate.py --chars 300 --batch 1 --threads 1
+
+The model has the shape of the lecture's final one (6 layers, 6 heads, 384 wide, context 256,
+vocabulary 65) with random weights: speed does not depend on what the weights say. Decoding is
+greedy, so the two paths must produce the same tokens; the script checks that, and that the
+logits of every step agree within --atol. It reports characters per second summed over the
+batch. A third row, --window-shift N (0: skip), shows the faster mode that slides the window N
+characters at a time past the context length, which gives other text than the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from tinygpt.engine import Engine  # noqa: E402
+from tinygpt.generate import SamplingConfig, generate_tokens  # noqa: E402
+from tinygpt.models import GPT, GPTConfig  # noqa: E402
+
+
+def reference(model: GPT, prompts: torch.Tensor, n: int) -> tuple[float, list, list]:
+    """The no-cache loop (generate_tokens), timed; also its tokens and last-position logits."""
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_hook(lambda m, args, out: seen.append(out[0][:, -1].float()))
+    try:
+        t0 = time.perf_counter()
+        steps = generate_tokens(model, prompts, n, SamplingConfig(temperature=0), None,
+                                model.config.block_size)
+        tokens = [t.tolist() for t in steps]
+        elapsed = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    return elapsed, tokens, seen
+
+
+def cached(model: GPT, prompts: torch.Tensor, n: int, window_shift: int = 1):
+    """The engine, greedy, timed; also its tokens and logits per step."""
+    engine = Engine(model, window_shift=window_shift)
+    t0 = time.perf_counter()
+    states = [engine.new_sequence(p) for p in prompts.tolist()]
+    tokens, seen = [], []
+    for _ in range(n):
+        logits = engine.step(states)
+        chosen = logits.argmax(dim=-1).tolist()
+        for s, t in zip(states, chosen, strict=True):
+            engine.append(s, t)
+        tokens.append(chosen)
+        seen.append(logits)
+    return time.perf_counter() - t0, tokens, seen
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--chars", type=int, default=2000, help="characters per sample (default 2000)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
+    p.add_argument("--pos", choices=("learned", "rope"), default="learned")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--window-shift", type=int, default=128,
+                   help="also time this window shift (not exact; 0: skip; default 128)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--atol", type=float, default=1e-5)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(1337)
+    cfg = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.0,
+                    pos_embedding=args.pos)
+    model = GPT(cfg).to(args.device).eval()
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {args.pos} positions, context "
+          f"{cfg.block_size}; {args.chars} chars per sample; device {args.device}, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(f"{'batch':>5}  {'path':<28} {'seconds':>8} {'chars/s':>9} {'speed-up':>8}  check")
+    ok = True
+    for B in args.batch:
+        prompts = torch.arange(B, device=args.device)[:, None] % cfg.vocab_size  # (B, 1)
+        t_ref, tok_ref, lg_ref = reference(model, prompts, args.chars)
+        total = B * args.chars
+        print(f"{B:>5}  {'no cache (generate_tokens)':<28} {t_ref:8.2f} {total / t_ref:9.1f} "
+              f"{1.0:8.2f}")
+        t, toks, lgs = cached(model, prompts, args.chars)
+        worst = max((a - b).abs().max().item() for a, b in zip(lgs, lg_ref, strict=True))
+        same = toks == tok_ref
+        ok &= same and worst <= args.atol
+        print(f"{B:>5}  {'kv cache (exact)':<28} {t:8.2f} {total / t:9.1f} {t_ref / t:8.2f}  "
+              f"tokens {'identical' if same else 'DIFFER'}, max |dlogit| {worst:.1e}")
+        if args.window_shift > 1:
+            t, toks, _ = cached(model, prompts, args.chars, args.window_shift)
+            diffs = [i for i, (a, b) in enumerate(zip(toks, tok_ref, strict=True)) if a != b]
+            first_diff = diffs[0] if diffs else None
+            note = "same text" if first_diff is None else f"text differs from char {first_diff}"
+            label = f"kv cache, window shift {args.window_shift}"
+            print(f"{B:>5}  {label:<28} {t:8.2f} {total / t:9.1f} {t_ref / t:8.2f}  {note}")
+        sys.stdout.flush()
+    if not ok:
+        print("MISMATCH: the cached path does not reproduce the reference", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

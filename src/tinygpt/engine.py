@@ -1,0 +1,493 @@
+"""Fast generation: a key/value cache, batched decoding and streamed text.
+
+The reference loop (``tinygpt.generate.generate_tokens``) feeds the whole context to the model for
+every new token, although only the newest token is new: the keys and values that the earlier
+positions produce in each attention layer are the same every time. The engine keeps them in a
+cache instead. A sequence's prompt is run once (prefill); after that each step feeds one token per
+sequence, whose query attends over the cached keys (decode). That turns a step's cost from
+O(context) forward positions into O(1).
+
+Sliding past the block size. The model sees at most ``block_size`` tokens, and the reference crops
+the context to the last ``block_size`` tokens. Once the window slides, every cached key is stale,
+for learned and rotary positions alike:
+
+* learned positions: each token's position in the window changes by one at every step, and the
+  position vector is part of every key;
+* rotary positions: scores only depend on position differences, so the first layer's keys would
+  survive a shift, but from the second layer on a key also carries what its token gathered by
+  attending to the tokens before it, and the oldest of those just left the window.
+
+No cheaper exact scheme exists: the reference's answer depends on every layer's state of every
+token in the window, and all of those change when the window's first token changes. So to stay
+identical to the reference, a sequence whose window is full recomputes its last ``block_size``
+tokens at every step (``window_shift=1``, the default): what the reference costs, but only beyond
+the block size. ``window_shift=S`` instead drops ``S`` tokens
+from the front when the window overflows and re-prefills the rest, so the next ``S - 1`` steps
+decode from the cache: much faster for long texts, but the model then sees between
+``block_size - S + 1`` and ``block_size`` tokens, and the text differs from the reference.
+
+Batches. ``Engine.step`` takes any list of sequences, at any lengths, in any order: new ones are
+prefilled (grouped by prompt length), the others are decoded together. Rows of one batch cache may
+have different lengths: every row gets its own positions and an attention mask that hides the
+unused end of shorter rows. When the set of sequences in a decode batch changes (a request joins
+or leaves), their cache rows are copied into a new batch cache once.
+
+Text. ``stream`` samples ``num_samples`` texts in one batch and yields their text as it is
+produced; ``generate_text`` collects it. Each sample ``i`` draws from its own
+``torch.Generator`` seeded with ``seed + i``, so a batch gives exactly the texts that one-by-one
+sampling with those seeds gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from tinygpt.generate import SamplingConfig, generate_tokens, make_generator, sample_next
+from tinygpt.models.gpt import GPT
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class LayerCache:
+    """One layer's view of a ``KVCache``: what ``CausalSelfAttention`` talks to."""
+
+    __slots__ = ("cache", "layer")
+
+    def __init__(self, cache: KVCache, layer: int) -> None:
+        self.cache = cache
+        self.layer = layer
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.cache.update(self.layer, k, v)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, room for ``capacity`` positions.
+
+    Row b's keys for positions ``0 .. lengths[b] - 1`` are valid; the rest of the row is zeros
+    (never NaN: masked attention multiplies the values it hides by zero). ``GPT.forward`` calls
+    ``prepare`` once, then every attention layer calls ``update`` for its layer.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        head_size: int,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layer, batch, n_head, capacity, head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+        self.lengths = [0] * batch  # cached positions per row
+        self._layers = [LayerCache(self, i) for i in range(n_layer)]
+        self._slot: slice | torch.Tensor = slice(0, 0)  # where this forward's keys go
+        self._end = 0  # positions to attend over after this forward: max(lengths)
+        self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: GPT, batch: int) -> KVCache:
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(
+            cfg.n_layer, batch, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size,
+            p.device, p.dtype,
+        )
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    def layer(self, i: int) -> LayerCache:
+        return self._layers[i]
+
+    def prepare(self, T: int) -> torch.Tensor:
+        """Make room for ``T`` new tokens per row; return their positions, (B, T) or (T,)."""
+        lens = self.lengths
+        if max(lens) + T > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {max(lens) + T} needed")
+        device = self.k.device
+        self._end = max(lens) + T
+        if all(n == lens[0] for n in lens):
+            # All rows equally long (the usual case): one slice, and often no mask at all.
+            L = lens[0]
+            pos = torch.arange(L, L + T, device=device)  # (T,)
+            self._slot = slice(L, L + T)
+            if T == 1 or L == 0:
+                self._mask = None  # one query sees all keys / a fresh prompt: plain causal
+            else:
+                keys = torch.arange(L + T, device=device)
+                self._mask = keys[None, :] <= pos[:, None]  # (T, L + T)
+        else:
+            # Rows at different lengths: per-row positions, and a mask that also hides the
+            # zero padding at the end of the shorter rows.
+            pos = torch.tensor(lens, device=device)[:, None] + torch.arange(T, device=device)
+            self._slot = pos  # (B, T)
+            keys = torch.arange(self._end, device=device)
+            self._mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, L)
+        self.lengths = [n + T for n in lens]
+        return pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store the new keys/values (B, H, T, D) of ``layer``.
+
+        Returns all keys and values so far, each (B, H, L, D), and the attention mask (or None).
+        """
+        kb, vb = self.k[layer], self.v[layer]  # (B, H, capacity, D)
+        slot = self._slot
+        if isinstance(slot, slice):
+            kb[:, :, slot] = k
+            vb[:, :, slot] = v
+        else:
+            rows = torch.arange(kb.size(0), device=kb.device)[:, None]  # (B, 1)
+            # Indexing (rows, :, slot) selects (B, T, H, D), hence the transposes.
+            kb[rows, :, slot] = k.transpose(1, 2)
+            vb[rows, :, slot] = v.transpose(1, 2)
+        return kb[:, :, : self._end], vb[:, :, : self._end], self._mask
+
+
+class SeqState:
+    """One sequence being generated. Callers read ``tokens``; the rest is the engine's."""
+
+    def __init__(self, engine: Engine, tokens: list[int]) -> None:
+        self.tokens: list[int] = tokens  # prompt + generated tokens so far
+        self._engine = engine
+        self._cache: KVCache | None = None  # the batch cache that holds this sequence's keys
+        self._row = 0  # its row there
+        self._start = 0  # index in tokens of the token at position 0 of the window
+        self._cached = 0  # tokens of the window whose keys are cached
+        self._logits: torch.Tensor | None = None  # the last step's logits (V,)
+
+    def __repr__(self) -> str:
+        return f"SeqState({len(self.tokens)} tokens)"
+
+
+class Engine:
+    """Next-token logits for many sequences at once, with a key/value cache.
+
+    ``model`` is a ``GPT`` or a ``BigramLM``. The cache is used for causal GPTs only: the bigram
+    model looks at one token (there is nothing to cache) and a non-causal GPT's earlier positions
+    change whenever the context grows; those are always recomputed, exactly like the reference.
+    """
+
+    def __init__(
+        self, model: nn.Module, use_cache: bool = True, *, window_shift: int = 1
+    ) -> None:
+        self.model = model
+        config = model.config
+        self.block_size: int = getattr(config, "block_size", 1)
+        self.vocab_size: int = config.vocab_size
+        self.device = next(model.parameters()).device
+        cacheable = isinstance(model, GPT) and config.causal
+        self.use_cache = bool(use_cache) and cacheable
+        ws = window_shift
+        if not _is_int(ws) or not 1 <= ws <= self.block_size:
+            raise ValueError(
+                f"window_shift must be an integer in [1, block_size={self.block_size}], got {ws!r}"
+            )
+        self.window_shift = ws
+
+    def new_sequence(self, prompt_ids: Sequence[int]) -> SeqState:
+        """A sequence starting with ``prompt_ids``; nothing is computed until ``step``."""
+        tokens = [int(t) for t in prompt_ids]
+        if not tokens:
+            raise ValueError("the prompt must hold at least one token")
+        for t in tokens:
+            self._check_token(t)
+        return SeqState(self, tokens)
+
+    def append(self, state: SeqState, token: int) -> None:
+        """Record the token chosen to follow ``state``."""
+        state.tokens.append(self._check_token(int(token)))
+
+    def release(self, state: SeqState) -> None:
+        """Forget a finished sequence's cache now (dropping the state does the same, later)."""
+        state._cache, state._cached, state._logits = None, 0, None
+
+    def step(self, states: Sequence[SeqState]) -> torch.Tensor:
+        """(N, V) float32 logits of the next token of each state, in order.
+
+        Each state is fed the tokens the model has not yet seen: its (cropped) prompt if it is
+        new or its window slid, else the tokens appended since its last step (usually one).
+        """
+        self._check(states)
+        out = torch.empty(len(states), self.vocab_size, device=self.device)
+        if not states:
+            return out
+        with torch.inference_mode(), self._eval_mode():
+            if self.use_cache:
+                self._step_cached(states, out)
+            else:
+                self._step_uncached(states, out)
+        return out
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _check_token(self, t: int) -> int:
+        if not 0 <= t < self.vocab_size:
+            raise ValueError(f"token id {t} is outside the vocabulary (size {self.vocab_size})")
+        return t
+
+    def _check(self, states: Sequence[SeqState]) -> None:
+        if len({id(s) for s in states}) != len(states):
+            raise ValueError("a sequence appears twice in one step")
+        for s in states:
+            if not isinstance(s, SeqState) or s._engine is not self:
+                raise ValueError("step() takes sequences made by this engine's new_sequence()")
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        if was_training:
+            self.model.eval()  # no dropout while generating
+        try:
+            yield
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _forward_last(self, rows: list[list[int]], cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (N, V) after the last of each row's tokens (all rows equally long)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if cache is None:
+            logits, _ = self.model(idx)
+        else:
+            logits, _ = self.model(idx, cache=cache)
+        return logits[:, -1, :].float()
+
+    def _step_uncached(self, states: Sequence[SeqState], out: torch.Tensor) -> None:
+        # The reference: run the last block_size tokens, keep the last position's logits.
+        by_len: dict[int, list[int]] = {}
+        for j, s in enumerate(states):
+            by_len.setdefault(min(len(s.tokens), self.block_size), []).append(j)
+        for T, js in by_len.items():
+            out[js] = self._forward_last([states[j].tokens[-T:] for j in js])
+
+    def _step_cached(self, states: Sequence[SeqState], out: torch.Tensor) -> None:
+        bs = self.block_size
+        prefill: dict[int, list[int]] = {}  # window length -> indices into states
+        extend: dict[int, list[int]] = {}  # number of unseen tokens -> indices into states
+        for j, s in enumerate(states):
+            n = len(s.tokens)
+            if s._cache is None:
+                s._start = max(0, n - bs)
+            elif n - s._start > bs:
+                # The window slides: every cached key is stale (see the module docstring).
+                s._cache = None
+                s._start = n - (bs - self.window_shift + 1)
+            if s._cache is None:
+                prefill.setdefault(n - s._start, []).append(j)
+                continue
+            unseen = n - s._start - s._cached
+            if unseen:
+                extend.setdefault(unseen, []).append(j)
+            else:  # stepped again with nothing new: same answer as last time
+                out[j] = s._logits
+        for T, js in prefill.items():
+            group = [states[j] for j in js]
+            # A full window slides at the next step anyway: no point in caching its keys.
+            keep = T < bs or self.window_shift > 1
+            cache = KVCache.for_model(self.model, len(group)) if keep else None
+            out[js] = self._forward_last([s.tokens[s._start :] for s in group], cache)
+            for row, s in enumerate(group):
+                s._cache, s._row, s._cached = cache, row, T if keep else 0
+        for T, js in extend.items():
+            group = [states[j] for j in js]
+            cache = self._batch_cache(group)
+            out[js] = self._forward_last([s.tokens[-T:] for s in group], cache)
+            for s in group:
+                s._cached += T
+        for j, s in enumerate(states):
+            s._logits = out[j].clone()
+
+    def _batch_cache(self, group: list[SeqState]) -> KVCache:
+        """A cache whose row r is ``group[r]``'s: the current one, or a new one copied together."""
+        first = group[0]._cache
+        if first.batch == len(group) and all(
+            s._cache is first and s._row == r for r, s in enumerate(group)
+        ):
+            return first
+        new = KVCache.for_model(self.model, len(group))
+        sources: dict[int, tuple[KVCache, list[int], list[int]]] = {}
+        for r, s in enumerate(group):
+            src = sources.setdefault(id(s._cache), (s._cache, [], []))
+            src[1].append(s._row)
+            src[2].append(r)
+        for src, src_rows, dst_rows in sources.values():
+            L = max(src.lengths[i] for i in src_rows)
+            si = torch.tensor(src_rows, device=self.device)
+            di = torch.tensor(dst_rows, device=self.device)
+            new.k[:, di, :, :L] = src.k[:, si, :, :L]
+            new.v[:, di, :, :L] = src.v[:, si, :, :L]
+        new.lengths = [s._cache.lengths[s._row] for s in group]
+        for r, s in enumerate(group):
+            s._cache, s._row = new, r
+        return new
+
+
+class TextStream:
+    """The text of one sample as it grows, cut at the first stop string.
+
+    ``feed`` returns the part of the text that is safe to show: it holds back a tail that might be
+    the start of a stop string until the next characters decide. When a stop string is completed,
+    the text ends where it begins (the stop string itself is not part of the text) and
+    ``stopped`` becomes True. If several stop strings complete at once, the longest wins.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        if isinstance(stop, str):
+            stop = (stop,)
+        for s in stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+        self.stop = tuple(stop)
+        self.text = ""  # everything released so far
+        self.stopped = False
+        self._pending = ""
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self._pending + piece
+        cut = None  # (end, start) of the stop string completed first; the longest on a tie
+        for s in self.stop:
+            i = buf.find(s)
+            if i >= 0 and (cut is None or (i + len(s), i) < cut):
+                cut = (i + len(s), i)
+        if cut is not None:
+            self.stopped = True
+            self._pending = ""
+            return self._release(buf[: cut[1]])
+        hold = 0
+        for k in range(min(len(buf), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(buf[-k:]) for s in self.stop):
+                hold = k
+                break
+        self._pending = buf[len(buf) - hold :]
+        return self._release(buf[: len(buf) - hold])
+
+    def finish(self) -> str:
+        """The held-back tail, once no more text will come."""
+        rest, self._pending = self._pending, ""
+        return self._release(rest)
+
+    def _release(self, text: str) -> str:
+        self.text += text
+        return text
+
+
+class Piece(NamedTuple):
+    """A piece of sample ``sample``'s text; ``finish`` is set on its last piece."""
+
+    sample: int
+    text: str
+    finish: str | None = None  # "stop" (a stop string), "length" (max_new_tokens reached)
+
+
+def stream(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    *,
+    num_samples: int = 1,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    use_cache: bool = True,
+    window_shift: int = 1,
+) -> Iterator[Piece]:
+    """Sample ``num_samples`` continuations of ``prompt`` in one batch; yield text as it comes.
+
+    ``tokenizer`` needs ``encode(str) -> list[int]`` and ``decode(list[int]) -> str``. Sample i
+    draws from its own generator seeded ``seed + i`` (random if ``seed`` is None), so batching
+    does not change the texts. Pieces of different samples interleave; each sample ends with one
+    piece whose ``finish`` is set. The prompt is not repeated in the output.
+
+    ``use_cache=False`` runs the reference loop (``generate_tokens``) instead, one sample after
+    another: the same texts, slower.
+    """
+    sampling = sampling or SamplingConfig()
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    engine = Engine(model, use_cache, window_shift=window_shift)
+    prompt_ids = tokenizer.encode(prompt)
+    states = [engine.new_sequence(prompt_ids) for _ in range(num_samples)]
+    texts = [TextStream(stop) for _ in range(num_samples)]
+    gens = [make_generator(None if seed is None else seed + i, engine.device)
+            for i in range(num_samples)]
+    if not use_cache:
+        yield from _stream_reference(engine, tokenizer, prompt_ids, max_new_tokens, sampling,
+                                     texts, gens)
+        return
+    active = list(range(num_samples))
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        logits = engine.step([states[i] for i in active])  # (len(active), V)
+        if sampling.temperature == 0:
+            chosen = torch.argmax(logits, dim=-1).tolist()
+        else:  # row by row, each with its own generator: the same draws as sampling alone
+            chosen = [int(sample_next(logits[j : j + 1], sampling, gens[i])[0])
+                      for j, i in enumerate(active)]
+        still = []
+        for i, tok in zip(active, chosen, strict=True):
+            engine.append(states[i], tok)
+            piece = texts[i].feed(tokenizer.decode([tok]))
+            if texts[i].stopped:
+                engine.release(states[i])
+                yield Piece(i, piece, "stop")
+                continue
+            if piece:
+                yield Piece(i, piece)
+            still.append(i)
+        active = still
+    for i in active:
+        yield Piece(i, texts[i].finish(), "length")
+
+
+def _stream_reference(engine, tokenizer, prompt_ids, max_new_tokens, sampling, texts, gens):
+    for i, (text, gen) in enumerate(zip(texts, gens, strict=True)):
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=engine.device)
+        tokens = generate_tokens(engine.model, idx, max_new_tokens, sampling, gen,
+                                 engine.block_size)
+        for t in tokens:
+            piece = text.feed(tokenizer.decode([int(t[0])]))
+            if text.stopped:
+                tokens.close()
+                yield Piece(i, piece, "stop")
+                break
+            if piece:
+                yield Piece(i, piece)
+        else:
+            yield Piece(i, text.finish(), "length")
+
+
+def generate_text(
+    model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
+    sampling: SamplingConfig | None = None, **kwargs,
+) -> list[str]:
+    """The ``num_samples`` texts that ``stream`` produces (without the prompt), in order."""
+    texts = [""] * kwargs.get("num_samples", 1)
+    for piece in stream(model, tokenizer, prompt, max_new_tokens, sampling, **kwargs):
+        texts[piece.sample] += piece.text
+    return texts

@@ -1,0 +1,109 @@
+"""Rotary position embeddings: config, shapes, causality, initial loss, relative positions."""
+
+import math
+
+import pytest
+import torch
+
+from tinygpt.models import GPT, GPTConfig
+from tinygpt.models.gpt import apply_rope, rope_tables
+
+
+def rope_config(**kw) -> GPTConfig:
+    base = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                pos_embedding="rope")
+    return GPTConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"pos_embedding": "sinusoidal"}, "pos_embedding must be one of learned, rope"),
+        ({"pos_embedding": None}, "pos_embedding"),
+        ({"n_embd": 30, "n_head": 2}, "head size .* must be even"),  # head size 15
+    ],
+)
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        rope_config(**kw)
+
+
+def test_odd_head_size_is_fine_with_learned_positions():
+    GPTConfig(vocab_size=5, n_embd=30, n_head=2, pos_embedding="learned")
+
+
+def test_no_position_table_and_nothing_extra_saved():
+    model = GPT(rope_config())
+    assert model.wpe is None
+    assert not any("wpe" in k or "rope" in k for k in model.state_dict())
+    learned = GPT(rope_config(pos_embedding="learned"))
+    assert learned.num_params() - model.num_params() == 16 * 32  # the block_size x C table
+
+
+def test_shapes_and_initial_loss_is_ln_vocab():
+    torch.manual_seed(0)
+    model = GPT(rope_config())
+    idx = torch.randint(0, 65, (4, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (4, 16, 65)
+    # Small initial weights: (almost) uniform predictions, loss ~ ln(V).
+    assert abs(loss.item() - math.log(65)) < 0.1
+    logits, loss = model(idx[:, :3])
+    assert logits.shape == (4, 3, 65) and loss is None
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_causal_later_tokens_do_not_change_earlier_logits():
+    torch.manual_seed(1)
+    model = GPT(rope_config()).eval()
+    idx = torch.randint(0, 65, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 65
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_positions_matter():
+    # Without any position signal, attention would see the context as a bag of tokens.
+    torch.manual_seed(2)
+    model = GPT(rope_config()).eval()
+    a, _ = model(torch.tensor([[1, 2, 3, 4]]))
+    b, _ = model(torch.tensor([[2, 1, 3, 4]]))
+    assert not torch.allclose(a[0, -1], b[0, -1], atol=1e-6)
+
+
+def test_scores_depend_only_on_relative_position():
+    torch.manual_seed(3)
+    D = 8
+    cos, sin = rope_tables(D, 64)
+    q, k = torch.randn(D), torch.randn(D)
+
+    def rotate(x, p):
+        return apply_rope(x.view(1, 1, 1, D), cos[p].view(1, 1, 1, -1), sin[p].view(1, 1, 1, -1))
+
+    def score(m, n):
+        return (rotate(q, m) * rotate(k, n)).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
+    assert score(9, 9) == pytest.approx((q * k).sum().item(), abs=1e-5)  # no rotation between
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    # A rotation keeps lengths.
+    assert rotate(q, 17).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_rope_trains():
+    torch.manual_seed(4)
+    model = GPT(rope_config(vocab_size=8, n_layer=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.arange(16).remainder(8)[None]  # 0 1 2 ... 7 0 1 ...: next = current + 1
+    first = None
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 4
