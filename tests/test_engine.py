@@ -51,19 +51,37 @@ def reference_logits(model, tokens, block_size=BS) -> torch.Tensor:
 
 @pytest.mark.parametrize("prompt", [[3], [1, 2, 3, 4, 5], list(range(8)), [1, 2] * 7])
 def test_cached_greedy_matches_reference_across_the_block_boundary(gpt, prompt):
-    engine = Engine(gpt)
+    """With window_shift=1 (the lecture's crop at every step) the cache is exact, too."""
+    engine = Engine(gpt, window_shift=1)
     state = engine.new_sequence(prompt)
     for _ in range(3 * BS):  # the window fills, then slides
         logits = engine.step([state])[0]
         torch.testing.assert_close(logits, reference_logits(gpt, state.tokens), atol=1e-5, rtol=0)
         engine.append(state, int(logits.argmax()))
     idx = torch.tensor([prompt])
-    ref = generate_tokens(gpt, idx, 3 * BS, SamplingConfig(temperature=0), None, BS)
+    ref = generate_tokens(gpt, idx, 3 * BS, SamplingConfig(temperature=0), None, BS, 1)
     assert state.tokens[len(prompt):] == [int(t[0]) for t in ref]
 
 
+@pytest.mark.parametrize("shift", [None, 1, 3, BS])
+@pytest.mark.parametrize("prompt", [[3], list(range(8)), [1, 2] * 7])
+def test_cached_uncached_and_reference_agree_for_every_window_shift(gpt, prompt, shift):
+    """Greedy tokens equal and logits within 1e-5 at every step, across several window slides."""
+    cached, uncached = Engine(gpt, window_shift=shift), Engine(gpt, False, window_shift=shift)
+    a, b = cached.new_sequence(prompt), uncached.new_sequence(prompt)
+    for _ in range(4 * BS):
+        la, lb = cached.step([a])[0], uncached.step([b])[0]
+        torch.testing.assert_close(la, lb, atol=1e-5, rtol=0)
+        cached.append(a, int(la.argmax()))
+        uncached.append(b, int(lb.argmax()))
+    assert a.tokens == b.tokens
+    ref = generate_tokens(gpt, torch.tensor([prompt]), 4 * BS, SamplingConfig(temperature=0),
+                          None, BS, shift)
+    assert a.tokens[len(prompt):] == [int(t[0]) for t in ref]
+
+
 def test_uncached_engine_is_the_reference(gpt):
-    engine = Engine(gpt, use_cache=False)
+    engine = Engine(gpt, use_cache=False, window_shift=1)
     assert not engine.use_cache
     state = engine.new_sequence([4, 2])
     for _ in range(2 * BS):
@@ -102,7 +120,7 @@ def test_non_causal_model_is_recomputed_not_cached():
 def test_mixed_length_batch_equals_each_state_alone(gpt):
     """Continuous batching: states join and leave between steps, at different lengths."""
     prompts = [[1], [2, 3, 4, 5, 6], [7] * 11, [8, 9]]
-    batched, alone = Engine(gpt), Engine(gpt)
+    batched, alone = Engine(gpt, window_shift=1), Engine(gpt, window_shift=1)
     bs = [batched.new_sequence(p) for p in prompts]
     al = [alone.new_sequence(p) for p in prompts]
     schedule = [[0, 1], [0, 1], [1, 0, 2], [0, 1, 2], [0, 1, 2, 3], [2, 3, 0], [1, 3]]
@@ -121,7 +139,7 @@ def test_mixed_length_batch_equals_each_state_alone(gpt):
 
 
 def test_several_new_tokens_and_repeated_steps(gpt):
-    engine = Engine(gpt)
+    engine = Engine(gpt, window_shift=1)
     state = engine.new_sequence([1, 2])
     first = engine.step([state])
     torch.testing.assert_close(engine.step([state]), first)  # nothing new: same answer

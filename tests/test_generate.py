@@ -7,6 +7,7 @@ from tinygpt.generate import (
     generate_tokens,
     make_generator,
     sample_next,
+    slide_window,
 )
 from tinygpt.models import GPT, GPTConfig
 
@@ -27,13 +28,17 @@ def test_temperature_zero_is_greedy_and_deterministic(model):
     a = run(model, SamplingConfig(temperature=0), seed=1)
     b = run(model, SamplingConfig(temperature=0), seed=2)
     assert a == b
-    # greedy == argmax of the reference forward at each step
-    idx = torch.tensor([[1, 2, 3]])
+    # greedy == argmax of the forward pass over the window at each step (the window jumps by
+    # half the block, 4 tokens, when the text outgrows it)
+    idx, start, starts = torch.tensor([[1, 2, 3]]), 0, set()
     for tok in a:
+        start = slide_window(start, idx.size(1), 8, 4)
+        starts.add(start)
         with torch.no_grad():
-            logits, _ = model(idx[:, -8:])
+            logits, _ = model(idx[:, start:])
         assert int(logits[0, -1].argmax()) == tok
         idx = torch.cat([idx, torch.tensor([[tok]])], dim=1)
+    assert starts == {0, 4, 8, 12, 16}
 
 
 def test_top_k_1_equals_greedy(model):
@@ -46,6 +51,14 @@ def test_same_seed_same_text_other_seed_other_text(model):
     s = SamplingConfig(temperature=1.5)
     assert run(model, s, seed=3) == run(model, s, seed=3)
     assert run(model, s, seed=3, n=40) != run(model, s, seed=4, n=40)
+
+
+def test_slide_window():
+    assert slide_window(0, 8, 8, 1) == 0  # fits
+    assert slide_window(0, 9, 8, 1) == 1  # the lecture's crop: the last 8 tokens
+    assert slide_window(0, 9, 8, 4) == 4  # jumps: keeps the last 8 - 4 + 1 = 5
+    assert slide_window(4, 12, 8, 4) == 4  # room left in the window
+    assert slide_window(4, 13, 8, 4) == 8
 
 
 def test_context_is_cropped_to_block_size(model):

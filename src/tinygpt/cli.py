@@ -137,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="recompute the whole context for every character (the reference "
                    "path: same text, slower)")
-    p.add_argument("--window-shift", type=int, default=1, metavar="N",
-                   help="past the context length, slide the window N characters at a time: "
-                   "1 matches --no-cache exactly; larger is faster for long texts but gives "
-                   "other text (default: 1)")
+    p.add_argument("--window-shift", type=int, default=None, metavar="N",
+                   help="once the text outgrows the context, the window jumps N characters at "
+                   "a time (cached and --no-cache alike); 1 is the lecture's crop at every step, "
+                   "which leaves the cache nothing to reuse (default: half the context)")
     p.add_argument("--verbose", action="store_true", help="report characters per second on stderr")
     _add_load_flags(p)
 
@@ -204,7 +204,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise TinyGPTError(f"--num-chars must be >= 0, got {args.num_chars}")
     if args.num_samples < 1:
         raise TinyGPTError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.window_shift < 1:
+    if args.window_shift is not None and args.window_shift < 1:
         raise TinyGPTError(f"--window-shift must be >= 1, got {args.window_shift}")
     if not args.prompt:
         raise TinyGPTError("--prompt must not be empty")
@@ -219,7 +219,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{', '.join(repr(c) for c in unknown)}"
         )
     block_size = ckpt.block_size or 1
-    if args.window_shift > block_size:
+    if args.window_shift is not None and args.window_shift > block_size:
         raise TinyGPTError(
             f"--window-shift must be at most the context length {block_size}, "
             f"got {args.window_shift}"

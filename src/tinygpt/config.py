@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
-from tinygpt.models.gpt import POS_EMBEDDINGS
+from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 # Each preset overrides some defaults. `cpu` is the default for the GPT (its values are also the
@@ -85,6 +85,12 @@ class TrainConfig:
         "learned", "positions: a learned table, or rotary embeddings (rope)",
         choices=POS_EMBEDDINGS,
     )
+    norm: str = _opt("layernorm", "layernorm, or rmsnorm", choices=NORMS)
+    qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys")
+    mlp: str = _opt("gelu", "MLP activation: gelu, relu2 (squared ReLU) or swiglu", choices=MLPS)
+    tie_embeddings: bool = _opt(False, "share the token embedding table with the output head")
+    zero_init: bool = _opt(False, "initialise residual projections and the head to zero")
+    logit_softcap: float | None = _opt(None, "squash logits into (-CAP, CAP) with CAP*tanh(x/CAP)")
     # optimisation
     optimizer: str = _opt(
         "adamw", "adamw, or muon (Muon for the block matrices, AdamW for the rest)",
@@ -178,11 +184,9 @@ class TrainConfig:
             if _bad_int(self.block_size, minimum=1):
                 raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
             return BigramConfig(vocab_size=vocab_size)
-        return GPTConfig(
-            vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-            n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout, bias=self.bias,
-            causal=self.causal, pos_embedding=self.pos_embedding,
-        )
+        # Every GPTConfig field except the vocabulary is a TrainConfig field of the same name.
+        names = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]
+        return GPTConfig(vocab_size=vocab_size, **{n: getattr(self, n) for n in names})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -7,24 +7,22 @@ cache instead. A sequence's prompt is run once (prefill); after that each step f
 sequence, whose query attends over the cached keys (decode). That turns a step's cost from
 O(context) forward positions into O(1).
 
-Sliding past the block size. The model sees at most ``block_size`` tokens, and the reference crops
-the context to the last ``block_size`` tokens. Once the window slides, every cached key is stale,
-for learned and rotary positions alike:
+Sliding past the block size. The model sees at most ``block_size`` tokens. Once the window's first
+token changes, every cached key is stale, for learned and rotary positions alike:
 
-* learned positions: each token's position in the window changes by one at every step, and the
-  position vector is part of every key;
+* learned positions: each token's position in the window changes, and the position vector is
+  part of every key;
 * rotary positions: scores only depend on position differences, so the first layer's keys would
   survive a shift, but from the second layer on a key also carries what its token gathered by
   attending to the tokens before it, and the oldest of those just left the window.
 
-No cheaper exact scheme exists: the reference's answer depends on every layer's state of every
-token in the window, and all of those change when the window's first token changes. So to stay
-identical to the reference, a sequence whose window is full recomputes its last ``block_size``
-tokens at every step (``window_shift=1``, the default): what the reference costs, but only beyond
-the block size. ``window_shift=S`` instead drops ``S`` tokens
-from the front when the window overflows and re-prefills the rest, so the next ``S - 1`` steps
-decode from the cache: much faster for long texts, but the model then sees between
-``block_size - S + 1`` and ``block_size`` tokens, and the text differs from the reference.
+So the window does not creep forward one token per step; it jumps (``tinygpt.generate.
+slide_window``): when the text outgrows it, it keeps the last ``block_size - window_shift + 1``
+tokens, which are re-prefilled, and the next ``window_shift - 1`` steps decode from the cache
+again. The default shift is half the block. The reference loop (``generate_tokens``) and the
+uncached engine use the same windows, so all paths give the same tokens; ``window_shift=1`` is
+the lecture's crop to the last ``block_size`` tokens at every step, which is exact but leaves the
+cache nothing to reuse once the window is full.
 
 Batches. ``Engine.step`` takes any list of sequences, at any lengths, in any order: new ones are
 prefilled (grouped by prompt length), the others are decoded together. Rows of one batch cache may
@@ -47,7 +45,14 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from tinygpt.generate import SamplingConfig, generate_tokens, make_generator, sample_next
+from tinygpt.generate import (
+    SamplingConfig,
+    default_window_shift,
+    generate_tokens,
+    make_generator,
+    sample_next,
+    slide_window,
+)
 from tinygpt.models.gpt import GPT
 
 
@@ -169,7 +174,7 @@ class SeqState:
         self._engine = engine
         self._cache: KVCache | None = None  # the batch cache that holds this sequence's keys
         self._row = 0  # its row there
-        self._start = 0  # index in tokens of the token at position 0 of the window
+        self._start: int | None = None  # index in tokens of the window's first token
         self._cached = 0  # tokens of the window whose keys are cached
         self._logits: torch.Tensor | None = None  # the last step's logits (V,)
 
@@ -186,7 +191,7 @@ class Engine:
     """
 
     def __init__(
-        self, model: nn.Module, use_cache: bool = True, *, window_shift: int = 1
+        self, model: nn.Module, use_cache: bool = True, *, window_shift: int | None = None
     ) -> None:
         self.model = model
         config = model.config
@@ -195,7 +200,7 @@ class Engine:
         self.device = next(model.parameters()).device
         cacheable = isinstance(model, GPT) and config.causal
         self.use_cache = bool(use_cache) and cacheable
-        ws = window_shift
+        ws = default_window_shift(self.block_size) if window_shift is None else window_shift
         if not _is_int(ws) or not 1 <= ws <= self.block_size:
             raise ValueError(
                 f"window_shift must be an integer in [1, block_size={self.block_size}], got {ws!r}"
@@ -271,10 +276,14 @@ class Engine:
         return logits[:, -1, :].float()
 
     def _step_uncached(self, states: Sequence[SeqState], out: torch.Tensor) -> None:
-        # The reference: run the last block_size tokens, keep the last position's logits.
+        # The reference: run the whole window, keep the last position's logits.
         by_len: dict[int, list[int]] = {}
         for j, s in enumerate(states):
-            by_len.setdefault(min(len(s.tokens), self.block_size), []).append(j)
+            n = len(s.tokens)
+            if s._start is None:
+                s._start = max(0, n - self.block_size)
+            s._start = slide_window(s._start, n, self.block_size, self.window_shift)
+            by_len.setdefault(n - s._start, []).append(j)
         for T, js in by_len.items():
             out[js] = self._forward_last([states[j].tokens[-T:] for j in js])
 
@@ -284,12 +293,12 @@ class Engine:
         extend: dict[int, list[int]] = {}  # number of unseen tokens -> indices into states
         for j, s in enumerate(states):
             n = len(s.tokens)
-            if s._cache is None:
-                s._start = max(0, n - bs)
+            if s._start is None:
+                s._start = max(0, n - bs)  # a new sequence: its prompt cropped to the block
             elif n - s._start > bs:
                 # The window slides: every cached key is stale (see the module docstring).
                 s._cache = None
-                s._start = n - (bs - self.window_shift + 1)
+                s._start = slide_window(s._start, n, bs, self.window_shift)
             if s._cache is None:
                 prefill.setdefault(n - s._start, []).append(j)
                 continue
@@ -410,7 +419,7 @@ def stream(
     seed: int | None = None,
     stop: Sequence[str] = (),
     use_cache: bool = True,
-    window_shift: int = 1,
+    window_shift: int | None = None,
 ) -> Iterator[Piece]:
     """Sample ``num_samples`` continuations of ``prompt`` in one batch; yield text as it comes.
 
@@ -469,7 +478,7 @@ def _stream_reference(engine, tokenizer, prompt_ids, max_new_tokens, sampling, t
     for i, (text, gen) in enumerate(zip(texts, gens, strict=True)):
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=engine.device)
         tokens = generate_tokens(engine.model, idx, max_new_tokens, sampling, gen,
-                                 engine.block_size)
+                                 engine.block_size, engine.window_shift)
         for t in tokens:
             piece = text.feed(tokenizer.decode([int(t[0])]))
             if text.stopped:

@@ -67,6 +67,26 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+def default_window_shift(block_size: int) -> int:
+    """Half the block: the window slides by half a block when the text outgrows it."""
+    return max(1, block_size // 2)
+
+
+def slide_window(start: int, n: int, block_size: int, shift: int) -> int:
+    """Where the context window of a sequence of ``n`` tokens starts.
+
+    The model sees at most ``block_size`` tokens. When the sequence outgrows the window that
+    started at ``start``, the window moves on so that ``shift - 1`` tokens of room are left: it
+    keeps the last ``block_size - shift + 1`` tokens. ``shift=1`` is the lecture's crop to the
+    last ``block_size`` tokens at every step. A larger shift moves less often, which is what lets
+    a key/value cache be reused for ``shift - 1`` steps (``tinygpt.engine``); in between, the
+    model sees between ``block_size - shift + 1`` and ``block_size`` tokens.
+    """
+    if n - start > block_size:
+        return n - (block_size - shift + 1)
+    return start
+
+
 @torch.no_grad()
 def generate_tokens(
     model: nn.Module,
@@ -75,18 +95,27 @@ def generate_tokens(
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     block_size: int | None = None,
+    window_shift: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence in ``idx`` (B, T), ``max_new_tokens`` times.
 
-    The context is cropped to the last ``block_size`` tokens, the longest the model can see. This
-    re-runs the whole context for each new token: simple, and the reference for faster paths.
+    The context is the window of at most ``block_size`` tokens that ``slide_window`` gives
+    (``window_shift`` defaults to half the block). This re-runs the whole context for each new
+    token: simple, and the reference for the cached engine, which gives the same tokens.
     """
     sampling = sampling or SamplingConfig()
+    if block_size is not None:
+        shift = window_shift or default_window_shift(block_size)
+        start = max(0, idx.size(1) - block_size)
     was_training = model.training
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            context = idx if block_size is None else idx[:, -block_size:]
+            if block_size is None:
+                context = idx
+            else:
+                start = slide_window(start, idx.size(1), block_size, shift)
+                context = idx[:, start:]
             logits, _ = model(context)  # (B, T, V)
             nxt = sample_next(logits[:, -1, :], sampling, generator)  # (B,)
             idx = torch.cat([idx, nxt[:, None]], dim=1)

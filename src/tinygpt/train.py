@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.evaluate import evaluate_tokens
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
-from tinygpt.models import build_model
+from tinygpt.models import GPTConfig, build_model
 from tinygpt.optim import CombinedOptimizer, build_optimizer, lr_factor
 from tinygpt.tokenizer import CharTokenizer
 
@@ -64,7 +64,10 @@ from tinygpt.tokenizer import CharTokenizer
 RESUME_MAY_CHANGE = ("max_steps", "max_time", "device", "eval_interval", "sample_chars", "keep")
 # With --init-from the model's shape comes from the source checkpoint (and must match if given);
 # dropout and causal default to the source's values but may be changed for fine-tuning.
-INIT_SHAPE_KEYS = {"gpt": ("block_size", "n_layer", "n_head", "n_embd", "bias"), "bigram": ()}
+INIT_SHAPE_KEYS = {
+    "gpt": tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout", "causal")),
+    "bigram": (),
+}
 INIT_DEFAULT_KEYS = {"gpt": ("dropout", "causal"), "bigram": ()}
 
 
@@ -331,13 +334,15 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
     if settings.get("model", kind) != kind:
         raise TinyGPTError(f"--model {settings['model']} does not match {source}, a {kind} model")
     out = {**settings, "model": kind}
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
     for key in INIT_SHAPE_KEYS.get(kind, ()):
-        if key in settings and settings[key] != mc.get(key):
+        value = mc.get(key, defaults[key])
+        if key in settings and settings[key] != value:
             raise TinyGPTError(
                 f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
-                f"{mc.get(key)!r}; --init-from keeps the model's shape"
+                f"{value!r}; --init-from keeps the model's architecture"
             )
-        out[key] = mc[key]
+        out[key] = value
     for key in INIT_DEFAULT_KEYS.get(kind, ()):
         out.setdefault(key, mc[key])
     return out
@@ -364,8 +369,9 @@ def _init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: C
             f"--init-from {cfg.init_from} holds a {init.model_kind} model, not {cfg.model}"
         )
     mc = init.state["model_config"]
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
     for key in ("vocab_size", *INIT_SHAPE_KEYS.get(cfg.model, ())):
-        if getattr(model_config, key) != mc.get(key):
+        if getattr(model_config, key) != mc.get(key, defaults.get(key)):
             raise TinyGPTError(
                 f"the model of {cfg.init_from} has {key} = {mc.get(key)!r}, this run "
                 f"{getattr(model_config, key)!r}; --init-from needs the same shape"

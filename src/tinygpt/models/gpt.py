@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from tinygpt.engine import KVCache, LayerCache
 
 POS_EMBEDDINGS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
 ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
 
 
@@ -48,6 +50,13 @@ class GPTConfig:
     # "learned": a table of block_size position vectors added to the token embeddings (GPT-2).
     # "rope": rotary embeddings, queries and keys rotated by position inside every attention layer.
     pos_embedding: str = "learned"
+    # Options from later small-transformer work; the defaults are the lecture's architecture.
+    norm: str = "layernorm"  # "rmsnorm": rescale only (no mean subtraction, no bias)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    mlp: str = "gelu"  # "relu2": relu(x)^2; "swiglu": gated, 8/3 x wide (same parameter count)
+    tie_embeddings: bool = False  # share the token embedding table with the output head
+    zero_init: bool = False  # start residual projections and the head at zero
+    logit_softcap: float | None = None  # squash logits into (-cap, cap) with cap * tanh(x / cap)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -66,6 +75,16 @@ class GPTConfig:
                 f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, "
                 f"got {self.pos_embedding!r}"
             )
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        cap = self.logit_softcap
+        if cap is not None and (
+            isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf
+        ):
+            raise ValueError(f"logit_softcap must be a positive number (or None), got {cap!r}")
         if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(
                 f"rope rotates channel pairs, so the head size n_embd / n_head must be even; "
@@ -101,6 +120,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def make_norm(config: GPTConfig, width: int) -> nn.Module:
+    """LayerNorm (subtract the mean, divide by the std, then scale and shift) or RMSNorm (divide
+    by the root mean square, then scale): RMSNorm is cheaper and works as well in practice."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(width)
+    return nn.LayerNorm(width, bias=config.bias)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention; with ``causal`` each position sees only itself and the past."""
 
@@ -113,6 +140,11 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm: queries and keys of unit RMS keep the attention logits in a sane range even
+        # at high learning rates.
+        head_size = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
 
     def forward(
         self,
@@ -126,6 +158,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask = None
@@ -148,17 +182,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Per-position feed-forward network, 4x wider inside, as in the lecture and GPT-2."""
+    """Per-position feed-forward network, 4x wider inside, as in the lecture and GPT-2.
+
+    ``relu2`` squares a ReLU; ``swiglu`` multiplies a SiLU-activated projection by a second
+    (linear) one, with the hidden width cut to 8/3 x so the parameter count stays that of 4x.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = 4 * config.n_embd
+        if self.kind == "swiglu":
+            hidden = int(8 * config.n_embd / 3)
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)  # (B, T, hidden)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -166,9 +215,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
     def forward(
@@ -197,7 +246,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2: scale the init of the layers that write into the residual stream by
@@ -205,6 +254,16 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init:
+            # Every block starts as the identity and the model as a uniform guess; the first
+            # updates decide what each layer adds.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.zeros_(p)
+            nn.init.zeros_(self.lm_head.weight)
+        if config.tie_embeddings:
+            # One table reads tokens in and writes logits out (GPT-2); saves V x C parameters.
+            self.lm_head.weight = self.wte.weight
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -259,6 +318,9 @@ class GPT(nn.Module):
             x = block(x, rope, None if cache is None else cache.layer(i))
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)  # smooth clamp to (-cap, cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))

@@ -1,0 +1,106 @@
+"""Every architecture option, switched on alone: shapes, causality, initial loss near ln(V)."""
+
+import math
+
+import pytest
+import torch
+
+from tinygpt.data import load_corpus
+from tinygpt.models import GPT, GPTConfig
+
+OPTIONS = {
+    "classic": {},
+    "rope": {"pos_embedding": "rope"},
+    "rmsnorm": {"norm": "rmsnorm"},
+    "qk_norm": {"qk_norm": True},
+    "relu2": {"mlp": "relu2"},
+    "swiglu": {"mlp": "swiglu"},
+    "no_bias": {"bias": False},
+    "tied_head": {"tie_embeddings": True},
+    "zero_init": {"zero_init": True},
+    "softcap": {"logit_softcap": 15.0},
+    "all_modern": {"pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2",
+                   "bias": False, "zero_init": True, "logit_softcap": 15.0},
+}
+
+
+def model_with(option: str, vocab_size: int = 13, **kw) -> GPT:
+    torch.manual_seed(0)
+    base = dict(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    return GPT(GPTConfig(**{**base, **OPTIONS[option], **kw})).eval()
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_shapes_and_backward(option):
+    model = model_with(option)
+    idx = torch.randint(0, 13, (3, 16))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 16, 13)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_causality(option):
+    model = model_with(option)
+    if OPTIONS[option].get("zero_init"):  # an all-zero head hides everything; give it weights to compare
+        torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+        for block in model.blocks:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)
+    idx = torch.randint(0, 13, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 13
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :9], b[:, :9], atol=1e-6)
+    assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-6)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_initial_loss_is_near_ln_vocab_on_shakespeare(option, shakespeare):
+    corpus = load_corpus("shakespeare")
+    model = model_with(option, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    x, y = corpus.get_batch("val", 16, 64, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, loss = model(x, y)
+    assert abs(loss.item() - math.log(65)) < 0.1, loss.item()
+
+
+def test_options_change_the_parameters_as_documented():
+    classic = model_with("classic")
+    tied = model_with("tied_head")
+    assert tied.lm_head.weight is tied.wte.weight
+    assert sum(p.numel() for p in tied.parameters()) == classic.num_params() - 13 * 32
+    assert not any(n.endswith("bias") for n, _ in model_with("no_bias").named_parameters())
+    swiglu = model_with("swiglu")
+    assert abs(swiglu.num_params() - classic.num_params()) / classic.num_params() < 0.02
+    assert model_with("zero_init").lm_head.weight.abs().sum() == 0
+    assert model_with("qk_norm").blocks[0].attn.q_norm is not None
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"norm": "batchnorm"}, "norm must be one of"), ({"mlp": "tanh"}, "mlp must be one of"),
+     ({"logit_softcap": 0.0}, "logit_softcap"), ({"logit_softcap": -3.0}, "logit_softcap")],
+)
+def test_bad_options(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(vocab_size=5, **kw)
+
+
+def test_softcap_bounds_the_logits():
+    model = model_with("softcap")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)
+        logits, _ = model(torch.randint(0, 13, (1, 16)))
+    assert logits.abs().max() <= 15.0
+
+
+def test_attention_takes_the_fused_sdpa_kernel_on_cpu():
+    """With dropout 0 on the CPU, attention runs the fused flash kernel, not the math fallback."""
+    model = model_with("classic")
+    idx = torch.randint(0, 13, (2, 16))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(idx, idx)
+    names = {e.key for e in prof.key_averages()}
+    assert any("flash_attention" in n for n in names), sorted(n for n in names if "attention" in n)
