@@ -84,7 +84,9 @@ def test_serve_warns_without_key_off_loopback(run_dir):
     (["--timeout", "0"], "--timeout must be a number"),
     (["--max-n", "40"], "--max-n (40) cannot exceed --max-batch (32)"),
     (["--port", "70000"], "--port must be between 0 and 65535"),
-    (["--api-key", ""], "--api-key must not be empty"),
+    (["--api-key", ""], "--api-key must be printable ASCII"),
+    (["--api-key", "two words"], "--api-key must be printable ASCII"),
+    (["--threads", "-1"], "--threads must be between 0 and 1024"),
     (["--host", "no.such.host.invalid"], "cannot resolve --host"),
 ])
 def test_serve_bad_flags(capsys, run_dir, flags, message):

@@ -112,3 +112,24 @@ def test_playground_shows_output_as_text_not_html(browser, make_server, checkpoi
     assert page.locator("#output img").count() == 0
     assert page.locator("#output b").count() == 0
     page.close()
+
+
+def test_playground_behind_api_key(browser, make_server):
+    """With --api-key the browser logs in with HTTP Basic (the key as password)."""
+    s = make_server(api_key="browser-key")
+    context = browser.new_context(http_credentials={"username": "me", "password": "browser-key"})
+    page = context.new_page()
+    page.goto(s.url + "/")
+    page.locator("#model-info").get_by_text("tiny", exact=True).wait_for()
+    page.fill("#prompt", "The")
+    page.fill("#max-tokens", "12")
+    page.click("#generate")
+    expect(page.locator("#stats")).to_contain_text("12 chars")
+    assert len(page.locator("#out-text").text_content()) == 12
+    context.close()
+
+    anonymous = browser.new_context()
+    assert anonymous.request.get(s.url + "/").status == 401
+    with pytest.raises(sync_api.Error):  # the browser asks for a login; headless, it gives up
+        anonymous.new_page().goto(s.url + "/")
+    anonymous.close()

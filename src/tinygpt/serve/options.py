@@ -91,6 +91,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "--allowed-host", action="append", default=[], metavar="NAME",
         help="also accept this Host header name when listening on loopback (repeatable)",
     )
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the model; 0 keeps torch's default (default: 0)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of the run (default: best, else last)")
@@ -116,6 +118,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from tinygpt.errors import TinyGPTError
 
     limits = limits_from_args(args)
+    if not 0 <= args.threads <= 1024:
+        raise TinyGPTError(f"--threads must be between 0 and 1024, got {args.threads}")
     try:
         from tinygpt.serve.server import serve
     except ImportError as e:
@@ -125,6 +129,6 @@ def run_serve(args: argparse.Namespace) -> int:
         ) from None
     serve(
         args.run_dir, args.host, args.port, args.api_key, limits, args.model_name,
-        args.allowed_host, args.checkpoint, args.device, args.access_log,
+        args.allowed_host, args.checkpoint, args.device, args.access_log, args.threads,
     )
     return 0

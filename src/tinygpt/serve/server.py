@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import sys
 from pathlib import Path
@@ -76,12 +77,17 @@ def serve(
     checkpoint: str = "best",
     device: str = "auto",
     access_log: bool = False,
+    threads: int = 0,
 ) -> None:
+    import torch
+
     from tinygpt.train import pick_device
 
     limits = limits or ServeLimits()
-    if api_key is not None and not api_key.strip():
-        raise TinyGPTError("--api-key must not be empty")
+    if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
+        raise TinyGPTError("--api-key must be printable ASCII without spaces (and not empty)")
+    if threads:
+        torch.set_num_threads(threads)
     ckpt = load_checkpoint(Path(run_dir), checkpoint, pick_device(device))
     name = model_name or Path(run_dir).resolve().name or "tinygpt"
     sock = bind(host, port)  # after loading: a bad run directory should not hold a port
