@@ -12,7 +12,7 @@ The server runs as a separate process (``python -m tinygpt serve ... --port 0``)
 do not share its interpreter. Without ``--run-dir`` the model is a GPT of the ``cpu`` preset size
 (4 layers, 4 heads, 128 wide, context 64) with random weights.
 
-    python benchmarks/bench_serve.py                       # 1 vs 8 clients, 20 s each
+    python benchmarks/bench_serve.py                       # 1 vs 8 clients, 10 s each, 3 rounds
     python benchmarks/bench_serve.py --load --duration 60  # 32 clients for a minute
     python benchmarks/bench_serve.py --max-tokens 200      # completions longer than the context
     python benchmarks/bench_serve.py -- --threads 1        # flags after -- go to tinygpt serve
@@ -167,17 +167,19 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, help="serve this run (default: random cpu-size GPT)")
     ap.add_argument("--clients", default="1,8", help="client counts to compare (default: 1,8)")
     ap.add_argument("--duration", type=float, default=None,
-                    help="seconds per measurement (default: 20; 60 with --load)")
+                    help="seconds per measurement (default: 10; 60 with --load)")
     ap.add_argument("--prompt", default=PROMPT,
                     help=f"prompt of every request (default: {PROMPT!r})")
     ap.add_argument("--max-tokens", type=int, default=58, help="per request (default: 58)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds over the client counts; medians are compared (default: 3)")
     ap.add_argument("--load", action="store_true", help="run the load test instead")
     ap.add_argument("--load-clients", type=int, default=32, help="clients in --load (default: 32)")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up (default: 3)")
     ap.add_argument("--json", type=Path, help="also write the results to this file")
     ap.add_argument("server_args", nargs="*", help="extra flags for tinygpt serve (after --)")
     args = ap.parse_args()
-    duration = args.duration or (60.0 if args.load else 20.0)
+    duration = args.duration or (60.0 if args.load else 10.0)
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or make_random_run(Path(tmp))
@@ -192,30 +194,36 @@ def main() -> None:
             if args.load:
                 results["load"] = load_test(server, args.load_clients, duration, *work)
             else:
-                results["scaling"] = scaling(server, args.clients, duration, *work)
+                results["scaling"] = scaling(server, args.clients, duration, *work, args.repeat)
         finally:
             server.stop()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-def scaling(server: Server, counts: str, duration: float, prompt: str,
-            max_tokens: int) -> list[dict]:
-    rows = []
-    for n in [int(x) for x in counts.split(",")]:
-        s = asyncio.run(run_clients(server.url, n, duration, prompt, max_tokens))
-        row = {"clients": n, "tokens_per_s": round(s["tokens_per_s"], 1),
-               "requests_ok": s["status"].get(200, 0),
-               "ttft_p50_ms": round(1000 * percentile(s["ttft"], 50), 1),
-               "errors": {k: v for k, v in s["status"].items() if k != 200}}
-        rows.append(row)
-        base = rows[0]["tokens_per_s"]
-        ratio = row["tokens_per_s"] / base if base else float("nan")
-        row["ratio"] = round(ratio, 2)
-        print(f"{n:>3} clients: {row['tokens_per_s']:>8.1f} tokens/s aggregate, "
-              f"{ratio:5.2f}x of {rows[0]['clients']} client(s), "
-              f"{row['requests_ok']} requests, TTFT p50 {row['ttft_p50_ms']} ms", flush=True)
-    return rows
+def scaling(server: Server, counts: str, duration: float, prompt: str, max_tokens: int,
+            repeat: int) -> dict:
+    """Each client count in turn, ``repeat`` rounds (interleaved, so a change in the machine's
+    background load hits every count alike); the ratio compares the medians."""
+    levels = [int(x) for x in counts.split(",")]
+    runs: dict[int, list[dict]] = {n: [] for n in levels}
+    for r in range(repeat):
+        for n in levels:
+            s = asyncio.run(run_clients(server.url, n, duration, prompt, max_tokens))
+            row = {"tokens_per_s": round(s["tokens_per_s"], 1),
+                   "requests_ok": s["status"].get(200, 0),
+                   "ttft_p50_ms": round(1000 * percentile(s["ttft"], 50), 1),
+                   "errors": {k: v for k, v in s["status"].items() if k != 200}}
+            runs[n].append(row)
+            print(f"round {r + 1}: {n:>3} clients: {row['tokens_per_s']:>8.1f} tokens/s aggregate,"
+                  f" {row['requests_ok']} requests, TTFT p50 {row['ttft_p50_ms']} ms", flush=True)
+    medians = {n: statistics.median(x["tokens_per_s"] for x in rows) for n, rows in runs.items()}
+    base = medians[levels[0]]
+    for n in levels:
+        print(f"median {n:>3} clients: {medians[n]:>8.1f} tokens/s, "
+              f"{medians[n] / base:5.2f}x of {levels[0]} client(s)")
+    return {"runs": runs, "median_tokens_per_s": medians,
+            "ratio": {n: round(medians[n] / base, 2) for n in levels}}
 
 
 def load_test(server: Server, clients: int, duration: float, prompt: str,

@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import asynccontextmanager, suppress
@@ -152,12 +153,36 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _sink(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> Callable:
-    def sink(item) -> None:  # runs in the worker thread
-        with suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+class Mailbox:
+    """Carries items from the worker thread to requests' asyncio queues.
 
-    return sink
+    Waking the event loop costs a system call; one decode step produces items for many requests,
+    so they are collected and the loop is woken once to deliver them all.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, object]] = []
+        self.scheduled = False
+
+    def sink(self, queue: asyncio.Queue) -> Callable:
+        def put(item) -> None:  # runs in the worker thread
+            with self.lock:
+                self.items.append((queue, item))
+                if self.scheduled:
+                    return
+                self.scheduled = True
+            with suppress(RuntimeError):  # the event loop is gone: nobody is listening any more
+                self.loop.call_soon_threadsafe(self.deliver)
+
+        return put
+
+    def deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _drain(queue: asyncio.Queue) -> list:
@@ -195,6 +220,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         app.state.scheduler = Scheduler(engine, tokenizer, limits.max_batch, limits.max_queue)
         try:
             yield
@@ -280,7 +306,7 @@ def create_app(
         scheduler: Scheduler = request.app.state.scheduler
         try:
             job = scheduler.submit(spec.prompt_ids, spec.n, spec.params, limits.timeout,
-                                   _sink(asyncio.get_running_loop(), queue))
+                                   request.app.state.mailbox.sink(queue))
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({limits.max_queue} requests are waiting); "
                            f"retry after {e.retry_after} s", code="queue_full",
