@@ -229,9 +229,10 @@ def scaling(server: Server, counts: str, duration: float, prompt: str, max_token
 def load_test(server: Server, clients: int, duration: float, prompt: str,
               max_tokens: int) -> dict:
     s = asyncio.run(run_clients(server.url, clients, duration, prompt, max_tokens, server))
-    rss = [m for _, m in s["rss_mib"]]
+    # memory once the batch has filled (the first seconds allocate the batch's buffers)
+    settle = min(10.0, duration / 6)
+    rss = [m for t, m in s["rss_mib"] if t >= settle]
     five_xx = sum(v for k, v in s["status"].items() if k >= 500)
-    third = max(1, len(rss) // 3)
     out = {
         "clients": clients,
         "requests": s["status"],
@@ -242,9 +243,9 @@ def load_test(server: Server, clients: int, duration: float, prompt: str,
         "ttft_p50_ms": round(1000 * percentile(s["ttft"], 50), 1),
         "ttft_p99_ms": round(1000 * percentile(s["ttft"], 99), 1),
         "ttft_max_ms": round(1000 * max(s["ttft"], default=float("nan")), 1),
-        "rss_mib_first_third_mean": round(statistics.mean(rss[:third]), 1) if rss else None,
-        "rss_mib_last_third_mean": round(statistics.mean(rss[-third:]), 1) if rss else None,
-        "rss_mib_min": round(min(rss), 1) if rss else None,
+        "rss_settle_s": settle,
+        "rss_mib_at_settle": round(rss[0], 1) if rss else None,
+        "rss_mib_at_end": round(rss[-1], 1) if rss else None,
         "rss_mib_max": round(max(rss), 1) if rss else None,
         "rss_mib_samples": s["rss_mib"],
     }
@@ -252,8 +253,8 @@ def load_test(server: Server, clients: int, duration: float, prompt: str,
           f"stream errors {s['stream_errors']}, transport errors {s['transport_errors']}")
     print(f"aggregate {out['tokens_per_s']} tokens/s; time to first token p50 "
           f"{out['ttft_p50_ms']} ms, p99 {out['ttft_p99_ms']} ms, max {out['ttft_max_ms']} ms")
-    print(f"server RSS MiB: first third mean {out['rss_mib_first_third_mean']}, last third mean "
-          f"{out['rss_mib_last_third_mean']}, min {out['rss_mib_min']}, max {out['rss_mib_max']}")
+    print(f"server RSS MiB: {out['rss_mib_at_settle']} at {settle:.0f} s, "
+          f"{out['rss_mib_at_end']} at the end, max {out['rss_mib_max']}")
     return out
 
 

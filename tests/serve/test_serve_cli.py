@@ -76,6 +76,20 @@ def test_serve_warns_without_key_off_loopback(run_dir):
     assert "warning: listening on 0.0.0.0 without --api-key" in err
 
 
+def test_serve_allowed_host_off_loopback(run_dir):
+    proc, url = start(run_dir, "--host", "0.0.0.0", "--allowed-host", "box.lan",
+                      "--api-key", "k")
+    try:
+        port = url.rsplit(":", 1)[1]
+        health = f"http://127.0.0.1:{port}/health"
+        assert httpx.get(health, headers={"Host": "box.lan:80"}, timeout=10).status_code == 200
+        assert httpx.get(health, timeout=10).status_code == 200  # loopback names stay allowed
+        assert httpx.get(health, headers={"Host": "evil.example"}, timeout=10).status_code == 400
+    finally:
+        err = stop(proc)
+    assert "warning" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-queue", "-1"], "--max-queue must be an integer"),
     (["--max-tokens", "0"], "--max-tokens must be an integer"),

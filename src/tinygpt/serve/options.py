@@ -81,17 +81,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     p.add_argument("--port", type=int, default=8000,
                    help="port; 0 picks a free one (default: 8000)")
     p.add_argument(
-        "--api-key", default=os.environ.get(API_KEY_ENV),
+        "--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
         help=f"require this key (Authorization: Bearer KEY) on every route but /health "
         f"(default: ${API_KEY_ENV}, else none)",
     )
-    p.add_argument("--model-name", default=None,
+    p.add_argument("--model-name", default=None, metavar="NAME",
                    help="model id in the API (default: RUN_DIR's name)")
     p.add_argument(
         "--allowed-host", action="append", default=[], metavar="NAME",
-        help="also accept this Host header name when listening on loopback (repeatable)",
+        help="also accept this Host header name (repeatable); on other addresses than "
+        "loopback, giving it turns the Host check on",
     )
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads for the model; 0 keeps torch's default (default: 0)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",

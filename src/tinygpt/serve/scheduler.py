@@ -291,6 +291,9 @@ class Scheduler:
         for job, evs in events.items():
             job.sink(evs)
         still = [c for c in running if c.finish_reason is None]
+        for c in active:
+            if c.finish_reason is not None or c.job.cancelled:
+                c.state = None  # out of the batch: let the engine's memory for it go now
         finished_jobs = {c.job for c in running if c.finish_reason} - {c.job for c in still}
         for job in finished_jobs:
             if job.admitted_at is not None:

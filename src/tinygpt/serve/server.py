@@ -95,7 +95,8 @@ def serve(
     if not loopback and api_key is None:
         print(f"tinygpt serve: warning: listening on {host} without --api-key: anyone who can "
               f"reach this port can use the model", file=sys.stderr, flush=True)
-    hosts = [*LOOPBACK_NAMES, *(allowed_hosts or [])] if loopback else None
+    check_hosts = loopback or bool(allowed_hosts)  # other addresses: only when names are given
+    hosts = [*LOOPBACK_NAMES, *(allowed_hosts or [])] if check_hosts else None
     app = create_app(Engine(ckpt.model), ckpt.tokenizer, model_info(ckpt, name), limits,
                      api_key, hosts)
     config = uvicorn.Config(
