@@ -1,4 +1,4 @@
-"""Command-line interface: ``tinygpt train | sample | eval``.
+"""Command-line interface: ``tinygpt train | sample | eval | serve``.
 
 The flags of ``train`` are generated from the fields of ``TrainConfig`` (one source of truth);
 ``--config run.toml`` reads the same names from a TOML file. User errors print one line and exit
@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32,
                    help="windows per forward pass (default: 32)")
     _add_load_flags(p)
+
+    from tinygpt.serve.options import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
@@ -311,7 +315,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tinygpt.serve.options import run_serve
+
+    return run_serve(args)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,295 @@
+"""The OpenAI Completions request: parsing, type checks (pydantic) and range checks.
+
+Every problem becomes an ``ApiError`` carrying an HTTP status and the OpenAI error shape
+``{"error": {"message", "type", "param", "code"}}``. Types are strict: ``"5"`` is not an integer
+and ``true`` is not a number. JSON's non-standard ``NaN`` and ``Infinity`` are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tinygpt.generate import SamplingConfig
+from tinygpt.serve.options import ServeLimits
+from tinygpt.serve.scheduler import GenerationParams
+from tinygpt.tokenizer import CharTokenizer
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TEMPERATURE = 2.0
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The fields of ``POST /v1/completions``; anything else is refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # extension: keep the k most likely characters
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    echo: bool | None = None
+    user: str | None = None
+    # Part of the OpenAI API but not implemented: accepted only at values that change nothing.
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+
+EXPECTED = {
+    "model": "a string",
+    "prompt": "a string or an array of strings",
+    "max_tokens": "an integer",
+    "temperature": "a number",
+    "top_p": "a number",
+    "top_k": "an integer",
+    "n": "an integer",
+    "stop": "a string or an array of strings",
+    "seed": "an integer",
+    "stream": "a boolean",
+    "stream_options": "an object like {\"include_usage\": true}",
+    "echo": "a boolean",
+    "user": "a string",
+    "logprobs": "null",
+    "best_of": "an integer",
+    "presence_penalty": "a number",
+    "frequency_penalty": "a number",
+    "logit_bias": "an object of numbers",
+    "suffix": "null",
+}
+
+
+def json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> dict:
+    if not body.strip():
+        raise invalid("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        text = body.decode("utf-8")
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise invalid("the request body is not UTF-8", code="invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise invalid(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column "
+                      f"{e.colno}", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise invalid(f"the request body must be a JSON object, got {json_type(obj)}",
+                      code="invalid_json")
+    return obj
+
+
+def check_types(obj: dict) -> CompletionRequest:
+    try:
+        return CompletionRequest.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(x) for x in err["loc"]]
+        param = loc[0] if loc else None
+        if err["type"] == "extra_forbidden":
+            name = ".".join(loc)
+            raise invalid(f"unknown parameter '{name}'", param, "unknown_parameter") from None
+        if err["type"] == "missing":
+            raise invalid(f"missing required parameter '{param}'", param,
+                          "missing_required_parameter") from None
+        value = obj.get(param) if param else None
+        what = json_type(value)
+        if isinstance(value, list):  # say what is wrong inside the array
+            bad = [x for x in value if not isinstance(x, str)]
+            if bad:
+                what = f"an array holding {json_type(bad[0])}"
+        elif isinstance(value, dict) and param == "stream_options":
+            what = f"{'.'.join(loc)} = {json_type(value.get(loc[1]) if len(loc) > 1 else None)}"
+        expected = EXPECTED.get(param, "another type")
+        raise invalid(f"invalid type for '{param}': expected {expected}, got {what}", param,
+                      "invalid_type") from None
+
+
+@dataclass
+class Completion:
+    """A checked request, ready for the scheduler."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    n: int
+    params: GenerationParams
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+    @property
+    def num_choices(self) -> int:
+        return self.n * len(self.prompts)
+
+
+def _number(req: CompletionRequest, name: str) -> float | None:
+    value = getattr(req, name)
+    if value is not None and not math.isfinite(value):
+        raise invalid(f"'{name}' must be a finite number, got {value}", name)
+    return value
+
+
+def _int_range(value: int, name: str, low: int, high: int, note: str = "") -> int:
+    if not low <= value <= high:
+        shown = value if abs(value) < 10**15 else f"{str(value)[:6]}... ({len(str(value))} digits)"
+        raise invalid(f"'{name}' must be between {low} and {high}{note}, got {shown}", name)
+    return value
+
+
+def check_completion(
+    obj: dict, model_id: str, tokenizer: CharTokenizer, limits: ServeLimits
+) -> Completion:
+    """Validate a parsed request body; raises ``ApiError``."""
+    req = check_types(obj)
+    if req.model != model_id:
+        raise ApiError(404, f"the model '{req.model[:100]}' does not exist; this server has "
+                       f"'{model_id}'", "model", "model_not_found")
+
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts:
+        raise invalid("'prompt' must not be an empty array", "prompt")
+    for p in prompts:
+        if not p:
+            raise invalid("'prompt' must not be empty (this model has no start-of-text token)",
+                          "prompt")
+        if len(p) > limits.max_prompt_chars:
+            raise invalid(f"the prompt has {len(p)} characters; this server accepts at most "
+                          f"{limits.max_prompt_chars}", "prompt", "prompt_too_long")
+
+    max_tokens = limits.default_max_tokens if req.max_tokens is None else req.max_tokens
+    _int_range(max_tokens, "max_tokens", 1, limits.max_tokens)
+    n = 1 if req.n is None else _int_range(req.n, "n", 1, limits.max_n)
+    if n * len(prompts) > limits.max_n:
+        raise invalid(f"n ({n}) times the number of prompts ({len(prompts)}) is "
+                      f"{n * len(prompts)}; this server allows at most {limits.max_n}", "n")
+
+    temperature = _number(req, "temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise invalid(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got "
+                      f"{temperature:g}", "temperature")
+    top_p = _number(req, "top_p")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise invalid(f"'top_p' must be greater than 0 and at most 1, got {top_p:g}", "top_p")
+    top_k = req.top_k
+    if top_k is not None:
+        _int_range(top_k, "top_k", 0, tokenizer.vocab_size, " (0 turns it off)")
+    seed = None if req.seed is None else _int_range(req.seed, "seed", INT64_MIN, INT64_MAX)
+
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > limits.max_stop:
+        raise invalid(f"'stop' has {len(stops)} strings; this server allows at most "
+                      f"{limits.max_stop}", "stop")
+    for s in stops:
+        if not s:
+            raise invalid("a stop string must not be empty", "stop")
+        if len(s) > limits.max_stop_chars:
+            raise invalid(f"a stop string has {len(s)} characters; this server allows at most "
+                          f"{limits.max_stop_chars}", "stop")
+
+    if req.stream_options is not None and not req.stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    _unsupported(req, n)
+
+    prompt_ids = []
+    for p in prompts:
+        unknown = tokenizer.unknown_chars(p)
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:20])
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            raise invalid(f"the prompt has {len(unknown)} character(s) the model does not know: "
+                          f"{shown}{more}", "prompt", "unknown_characters")
+        prompt_ids.append(tokenizer.encode(p))
+
+    sampling = SamplingConfig(
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p if top_p is not None and top_p < 1 else None,
+    )
+    params = GenerationParams(max_tokens, sampling, tuple(dict.fromkeys(stops)), seed)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Completion(prompts, prompt_ids, n, params, bool(req.stream), include_usage,
+                      bool(req.echo))
+
+
+def _unsupported(req: CompletionRequest, n: int) -> None:
+    def refuse(name: str, what: str) -> None:
+        raise invalid(f"'{name}' is not supported by this server ({what})", name,
+                      "unsupported_parameter")
+
+    if req.logprobs is not None:
+        refuse("logprobs", "leave it out or send null")
+    if req.best_of is not None and req.best_of != n:
+        refuse("best_of", "leave it out or set it equal to n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and value != 0:
+            refuse(name, "leave it out or send 0")
+    if req.logit_bias:
+        refuse("logit_bias", "leave it out or send {}")
+    if req.suffix is not None:
+        refuse("suffix", "leave it out or send null")

@@ -1,0 +1,114 @@
+"""``tinygpt serve``: load a checkpoint, listen on a socket, run the app under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from tinygpt.checkpoint import Checkpoint, load_checkpoint
+from tinygpt.engine import Engine
+from tinygpt.errors import TinyGPTError
+from tinygpt.serve.app import LOOPBACK_NAMES, ModelInfo, create_app
+from tinygpt.serve.options import ServeLimits
+
+
+def model_info(ckpt: Checkpoint, name: str) -> ModelInfo:
+    model = ckpt.model
+    state = ckpt.state
+    try:
+        created = int((ckpt.path / "state.json").stat().st_mtime)
+    except OSError:
+        created = 0
+    return ModelInfo(
+        id=name, kind=ckpt.model_kind, num_params=sum(p.numel() for p in model.parameters()),
+        vocab_size=ckpt.tokenizer.vocab_size, block_size=ckpt.block_size or 1, created=created,
+        step=state.get("step"), val_loss=state.get("val_loss"),
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: the system picks a free one)."""
+    if not 0 <= port <= 65535:
+        raise TinyGPTError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise TinyGPTError(f"cannot resolve --host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(512)
+    except OSError as e:
+        sock.close()
+        raise TinyGPTError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    address = sock.getsockname()[0].split("%")[0]  # drop an IPv6 zone id
+    return ipaddress.ip_address(address).is_loopback
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+def serve(
+    run_dir: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    limits: ServeLimits | None = None,
+    model_name: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    checkpoint: str = "best",
+    device: str = "auto",
+    access_log: bool = False,
+    threads: int = 0,
+) -> None:
+    import torch
+
+    from tinygpt.train import pick_device
+
+    limits = limits or ServeLimits()
+    if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
+        raise TinyGPTError("--api-key must be printable ASCII without spaces (and not empty)")
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = load_checkpoint(Path(run_dir), checkpoint, pick_device(device))
+    name = model_name or Path(run_dir).resolve().name or "tinygpt"
+    sock = bind(host, port)  # after loading: a bad run directory should not hold a port
+    loopback = is_loopback(sock)
+    if not loopback and api_key is None:
+        print(f"tinygpt serve: warning: listening on {host} without --api-key: anyone who can "
+              f"reach this port can use the model", file=sys.stderr, flush=True)
+    check_hosts = loopback or bool(allowed_hosts)  # other addresses: only when names are given
+    hosts = [*LOOPBACK_NAMES, *(allowed_hosts or [])] if check_hosts else None
+    app = create_app(Engine(ckpt.model), ckpt.tokenizer, model_info(ckpt, name), limits,
+                     api_key, hosts)
+    config = uvicorn.Config(
+        app, log_level="info" if access_log else "warning", access_log=access_log,
+        limit_concurrency=limits.max_connections, timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    print(f"tinygpt serve: model {name} ({ckpt.model_kind}, {ckpt.path}) at {url_of(sock)}"
+          f"{' (API key required)' if api_key else ''}", flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed Ctrl-C on
+        print("tinygpt serve: stopped", file=sys.stderr, flush=True)
+    finally:
+        sock.close()

@@ -1,0 +1,126 @@
+"""``tinygpt serve`` as a user runs it: a subprocess that prints its URL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def start(run_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TINYGPT_API_KEY", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--port", "0", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    line = proc.stdout.readline()
+    m = re.search(r" at (http://\S+?)/?(\s|$)", line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"no URL printed: {line!r} {proc.stderr.read()}")
+    return proc, m.group(1)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return err
+
+
+def test_serve_prints_url_and_answers(run_dir):
+    proc, url = start(run_dir, "--api-key", "abc", "--max-tokens", "50", "--model-name", "m")
+    try:
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", url)
+        assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+        auth = {"Authorization": "Bearer abc"}
+        assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+        models = httpx.get(url + "/v1/models", headers=auth, timeout=10).json()
+        assert models["data"][0]["id"] == "m"
+        assert models["data"][0]["tinygpt"]["limits"]["max_tokens"] == 50
+        req = {"model": "m", "prompt": "To be", "max_tokens": 51}
+        r = httpx.post(url + "/v1/completions", json=req, headers=auth, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        r = httpx.post(url + "/v1/completions", json={**req, "max_tokens": 50}, headers=auth,
+                       timeout=30)
+        assert r.json()["usage"]["completion_tokens"] == 50
+    finally:
+        err = stop(proc)
+    assert proc.returncode == 0, err
+    assert "warning" not in err
+
+
+def test_serve_warns_without_key_off_loopback(run_dir):
+    proc, url = start(run_dir, "--host", "0.0.0.0")
+    try:
+        port = url.rsplit(":", 1)[1]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        # bound to all interfaces: no Host check (a proxy or LAN name is expected here)
+        r = httpx.get(f"http://127.0.0.1:{port}/health", headers={"Host": "box.lan"}, timeout=10)
+        assert r.status_code == 200
+    finally:
+        err = stop(proc)
+    assert "warning: listening on 0.0.0.0 without --api-key" in err
+
+
+def test_serve_allowed_host_off_loopback(run_dir):
+    proc, url = start(run_dir, "--host", "0.0.0.0", "--allowed-host", "box.lan",
+                      "--api-key", "k")
+    try:
+        port = url.rsplit(":", 1)[1]
+        health = f"http://127.0.0.1:{port}/health"
+        assert httpx.get(health, headers={"Host": "box.lan:80"}, timeout=10).status_code == 200
+        assert httpx.get(health, timeout=10).status_code == 200  # loopback names stay allowed
+        assert httpx.get(health, headers={"Host": "evil.example"}, timeout=10).status_code == 400
+    finally:
+        err = stop(proc)
+    assert "warning" not in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-queue", "-1"], "--max-queue must be an integer"),
+    (["--max-tokens", "0"], "--max-tokens must be an integer"),
+    (["--max-body-bytes", "99999999999"], "--max-body-bytes must be an integer"),
+    (["--timeout", "nan"], "--timeout must be a number"),
+    (["--timeout", "0"], "--timeout must be a number"),
+    (["--max-n", "40"], "--max-n (40) cannot exceed --max-batch (32)"),
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--api-key", ""], "--api-key must be printable ASCII"),
+    (["--api-key", "two words"], "--api-key must be printable ASCII"),
+    (["--threads", "-1"], "--threads must be between 0 and 1024"),
+    (["--host", "no.such.host.invalid"], "cannot resolve --host"),
+])
+def test_serve_bad_flags(capsys, run_dir, flags, message):
+    from tinygpt.cli import main
+
+    assert main(["serve", str(run_dir), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("tinygpt serve: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_serve_missing_run_dir(capsys, tmp_path):
+    from tinygpt.cli import main
+
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+
+
+def test_serve_port_in_use(capsys, run_dir, server):
+    from tinygpt.cli import main
+
+    assert main(["serve", str(run_dir), "--port", str(server.port)]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err

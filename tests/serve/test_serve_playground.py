@@ -1,0 +1,135 @@
+"""The playground in a real browser: Debian's Chromium driven by Playwright.
+
+Skipped when Playwright or /usr/bin/chromium is missing (``.ci/browser-deps.sh`` installs the
+browser; ``pip install playwright`` the driver -- never ``playwright install``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+expect = sync_api.expect
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (run .ci/browser-deps.sh)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_playground_streams_and_stops(browser, make_server, engines, checkpoint, tmp_path):
+    # A slowed engine keeps the stream going long enough to watch it and press Stop.
+    engine = engines["slow"](checkpoint.model, delay=0.03)
+    s = make_server(engine=engine)
+    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(s.url + "/")
+
+    # model info comes from /v1/models
+    info = page.locator("#model-info")
+    info.get_by_text("tiny", exact=True).wait_for()
+    assert "gpt" in info.inner_text()
+    assert page.locator("#generate").is_enabled()
+    assert page.locator("#stop").is_disabled()
+
+    page.fill("#prompt", "To be, or not")
+    page.fill("#max-tokens", "500")
+    page.locator("#temperature").fill("0.6")
+    assert page.locator("#temperature-value").inner_text() == "0.60"
+    page.fill("#top-k", "20")
+    page.fill("#seed", "42")
+    page.click("#generate")
+
+    generated = page.locator("#out-text")
+    expect(generated).to_have_text(re.compile(r".{5,}", re.S))
+    expect(page.locator("#stop")).to_be_enabled()
+    first = generated.text_content()
+    expect(generated).to_have_text(re.compile(".{" + str(len(first) + 5) + ",}", re.S))
+    assert page.locator("#out-prompt").text_content() == "To be, or not"
+    page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+    shutil.copy(tmp_path / "playground.png", Path("/tmp") / "tinygpt-playground.png")
+
+    page.click("#stop")
+    expect(page.locator("#stop")).to_be_disabled()
+    stopped_at = len(generated.text_content())
+    assert 5 < stopped_at < 500
+    assert "stopped" in page.locator("#stats").inner_text()
+    # the server stopped decoding too
+    done = threading.Event()
+    for _ in range(200):
+        if s.scheduler.stats()["active_sequences"] == 0:
+            done.set()
+            break
+        done.wait(0.02)
+    assert done.is_set()
+    assert len(generated.text_content()) == stopped_at
+    assert not checkpoint.tokenizer.unknown_chars(generated.text_content())
+
+    # errors from the API are shown as text
+    page.fill("#prompt", "<b>☃</b>")
+    page.click("#generate")
+    error = page.locator("#error")
+    error.wait_for(state="visible")
+    assert "does not know" in error.inner_text()
+    assert page.locator("#error b").count() == 0
+    page.screenshot(path=str(tmp_path / "playground-error.png"))
+    shutil.copy(tmp_path / "playground-error.png", Path("/tmp") / "tinygpt-playground-error.png")
+    assert problems == [] or all("400" in p for p in problems), problems
+    page.close()
+
+
+def test_playground_shows_output_as_text_not_html(browser, make_server, checkpoint, tmp_path):
+    """Model output is inserted with text nodes: markup in it is never parsed."""
+    s = make_server()
+    page = browser.new_page()
+    page.goto(s.url + "/")
+    page.locator("#model-info").get_by_text("tiny", exact=True).wait_for()
+    # Feed the stream reader a hostile chunk through the page's own code path.
+    page.route("**/v1/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream",
+        body='data: {"choices": [{"index": 0, "text": "<img src=x onerror=alert(1)><b>hi</b>", '
+             '"finish_reason": "length"}]}\n\ndata: [DONE]\n\n'))
+    page.click("#generate")
+    expect(page.locator("#out-text")).to_have_text("<img src=x onerror=alert(1)><b>hi</b>")
+    expect(page.locator("#generate")).to_be_enabled()
+    assert page.locator("#output img").count() == 0
+    assert page.locator("#output b").count() == 0
+    page.close()
+
+
+def test_playground_behind_api_key(browser, make_server):
+    """With --api-key the browser logs in with HTTP Basic (the key as password)."""
+    s = make_server(api_key="browser-key")
+    context = browser.new_context(http_credentials={"username": "me", "password": "browser-key"})
+    page = context.new_page()
+    page.goto(s.url + "/")
+    page.locator("#model-info").get_by_text("tiny", exact=True).wait_for()
+    page.fill("#prompt", "The")
+    page.fill("#max-tokens", "12")
+    page.click("#generate")
+    expect(page.locator("#stats")).to_contain_text("12 chars")
+    assert len(page.locator("#out-text").text_content()) == 12
+    context.close()
+
+    anonymous = browser.new_context()
+    assert anonymous.request.get(s.url + "/").status == 401
+    with pytest.raises(sync_api.Error):  # the browser asks for a login; headless, it gives up
+        anonymous.new_page().goto(s.url + "/")
+    anonymous.close()
