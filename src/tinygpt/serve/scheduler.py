@@ -292,8 +292,9 @@ class Scheduler:
             job.sink(evs)
         still = [c for c in running if c.finish_reason is None]
         for c in active:
-            if c.finish_reason is not None or c.job.cancelled:
-                c.state = None  # out of the batch: let the engine's memory for it go now
+            if (c.finish_reason is not None or c.job.cancelled) and c.state is not None:
+                self.engine.release(c.state)  # out of the batch: free its cache now
+                c.state = None
         finished_jobs = {c.job for c in running if c.finish_reason} - {c.job for c in still}
         for job in finished_jobs:
             if job.admitted_at is not None:
