@@ -38,11 +38,11 @@ _MODERN_OPT = {
 # `modern`: the most val loss a couple of CPU minutes buy; `modern-large`: the same recipe, a
 # wider model for runs of a quarter of an hour.
 PRESETS["modern"] = {
-    **_MODERN_ARCH, **_MODERN_OPT, "batch_size": 32, "block_size": 128, "n_layer": 4,
-    "n_head": 4, "n_embd": 128, "max_steps": 2000, "eval_interval": 250,
+    **_MODERN_ARCH, **_MODERN_OPT, "batch_size": 32, "block_size": 64, "n_layer": 4,
+    "n_head": 4, "n_embd": 128, "warmup_steps": 20, "max_steps": 1000, "eval_interval": 100,
 }
 PRESETS["modern-large"] = {
-    **_MODERN_ARCH, **_MODERN_OPT, "batch_size": 32, "block_size": 256, "n_layer": 6,
+    **_MODERN_ARCH, **_MODERN_OPT, "batch_size": 32, "block_size": 128, "n_layer": 6,
     "n_head": 6, "n_embd": 192, "max_steps": 6000, "eval_interval": 500,
 }
 DEFAULT_PRESET = {"gpt": "cpu", "bigram": "bigram"}
