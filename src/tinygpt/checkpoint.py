@@ -36,7 +36,6 @@ see ``train.py``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -56,6 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygpt.errors import TinyGPTError
+from tinygpt.files import UMASK, atomic_write, fsync_dir, sha256_file, write_json
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import CharTokenizer
 
@@ -71,9 +71,6 @@ FAULT_ENV = "TINYGPT_FAULT_AFTER"
 
 Warn = Callable[[str], None]
 
-# mkstemp/mkdtemp create private files; checkpoints get the usual permissions (umask applies).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class CheckpointError(TinyGPTError):
@@ -96,53 +93,6 @@ def fault_point(point: str, step: int) -> None:
 
 
 # --------------------------------------------------------------------------------------- writing
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync the result and rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-
-    atomic_write(path, write)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _nonfinite_tensor(obj, prefix: str = "") -> str | None:
@@ -186,7 +136,7 @@ def _write_checkpoint_files(
         fault_point(name, step)
     write_json(folder / MANIFEST, manifest)
     fault_point(MANIFEST, step)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _remove_tree(path: Path) -> None:
@@ -224,7 +174,7 @@ def save_checkpoint(
     parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=parent, prefix=f".{ckpt_dir.name}.partial-"))
     try:
-        os.chmod(partial, 0o777 & ~_UMASK)
+        os.chmod(partial, 0o777 & ~UMASK)
         _write_checkpoint_files(partial, weights, optimizer_state, rng_state, state)
         if ckpt_dir.exists() or ckpt_dir.is_symlink():
             _remove_tree(ckpt_dir)
@@ -232,7 +182,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     return ckpt_dir
 
 
@@ -293,7 +243,7 @@ def save_run_checkpoint(
     point_link(run_dir, "last", folder.name)
     if is_best:
         point_link(run_dir, "best", folder.name)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     fault_point("link", step)
     protect = {step}
     if state.get("best_step") is not None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from tinygpt.errors import TinyGPTError
+from tinygpt.files import atomic_write, sha256_file, write_json
 from tinygpt.tokenizer import CharTokenizer
 
 SHAKESPEARE_URL = (
@@ -49,14 +49,6 @@ def shakespeare_path() -> Path:
     return tinygpt_home() / "datasets" / "tinyshakespeare.txt"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def ensure_shakespeare(url: str | None = None) -> Path:
     """Return the path of Tiny Shakespeare, downloading and verifying it if it is not cached."""
     url = url or SHAKESPEARE_URL
@@ -75,7 +67,7 @@ def ensure_shakespeare(url: str | None = None) -> Path:
             f"Tiny Shakespeare is not at {path} and could not be downloaded ({reason}); "
             f"put the char-rnn input.txt there, or train on your own text with --data FILE"
         ) from None
-    digest = _sha256_file(tmp)
+    digest = sha256_file(tmp)
     if digest != SHAKESPEARE_SHA256:
         tmp.unlink(missing_ok=True)
         raise TinyGPTError(
@@ -154,7 +146,7 @@ def _fingerprint(files: list[Path], quick: bool) -> list[dict]:
         st = p.stat()
         entry = {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if not quick:
-            entry["sha256"] = _sha256_file(p)
+            entry["sha256"] = sha256_file(p)
         out.append(entry)
     return out
 
@@ -248,7 +240,7 @@ def load_corpus(
                 manifest["sources"] = [
                     dict(q, sha256=s["sha256"]) for q, s in zip(quick, cached, strict=True)
                 ]
-                _write_json_atomic(manifest_path, manifest)
+                write_json(manifest_path, manifest)
             return _open_corpus(bin_path, manifest)
 
     manifest = _build_cache(files, encoding_errors, tokenizer, cache_dir)
@@ -263,15 +255,6 @@ def _read_manifest(path: Path) -> dict | None:
     if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
         return None
     return m
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _build_cache(
@@ -291,18 +274,12 @@ def _build_cache(
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 
     # Pass 2: encode chunk by chunk straight into the binary file.
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix="tokens.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write_tokens(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             for text in iter_corpus(files, encoding_errors):
                 tokenizer.encode_array(text).astype(dtype).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_dir / "tokens.bin")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(cache_dir / "tokens.bin", write_tokens)
 
     sources = _fingerprint(files, quick=False)
     fingerprint = hashlib.sha256(
@@ -317,7 +294,7 @@ def _build_cache(
         "dtype": np.dtype(dtype).name,
         "num_tokens": n_chars,
     }
-    _write_json_atomic(cache_dir / "manifest.json", manifest)
+    write_json(cache_dir / "manifest.json", manifest)
     return manifest
 
 
