@@ -136,27 +136,32 @@ def main() -> None:
 
 
 def _estimate_steps(cfg: TrainConfig, data: str, budget: float) -> int:
-    """How many steps ``budget`` seconds hold for this model (timed over a few steps)."""
+    """How many steps ``budget`` seconds hold for this model (timed over a few steps); only
+    used to space the evaluations."""
     import time
 
     from tinygpt.data import load_corpus
     from tinygpt.models import build_model
-    from tinygpt.train import configure_optimizer
+    from tinygpt.train import autocast_dtype, configure_optimizer
 
     corpus = load_corpus(data)
     model = build_model(cfg.model, cfg.model_config(corpus.tokenizer.vocab_size))
     opt = configure_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
+    amp = autocast_dtype(cfg.dtype, torch.device("cpu"))
     times = []
     for _ in range(8):
         x, y = corpus.get_batch("train", cfg.batch_size, cfg.block_size, gen)
         t = time.perf_counter()
-        _, loss = model(x, y)
+        with torch.autocast("cpu", amp, enabled=amp is not None):
+            _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t)
     per_step = sorted(times)[len(times) // 2]
+    if cfg.compile:  # not compiled here (that would warm the compile cache); a rough guess
+        per_step /= 1.6
     return max(int(budget / per_step), 1)
 
 

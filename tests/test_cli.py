@@ -116,6 +116,8 @@ def _bad_cases(tmp):
     ok.write_text("some ordinary text for a tiny model to read. " * 40)
     toml_bad = tmp / "bad.toml"
     toml_bad.write_text("n_layer = 'two'\n")
+    toml_dtype = tmp / "dtype.toml"
+    toml_dtype.write_text("dtype = 'fp8'\n")
     toml_unknown = tmp / "unknown.toml"
     toml_unknown.write_text("layers = 2\n")
     train = ["train", "--out", tmp / "r", "--max-steps", "1", "--sample-chars", "0"]
@@ -135,6 +137,8 @@ def _bad_cases(tmp):
         ("dropout < 0", [*train, "--data", ok, "--dropout", "-0.5"], "dropout"),
         ("batch_size 0", [*train, "--data", ok, "--batch-size", "0"], "batch_size"),
         ("bad max-time", [*train, "--data", ok, "--max-time", "soon"], "cannot read duration"),
+        ("unknown dtype", [*train, "--data", ok, "--dtype", "float16"], "invalid choice"),
+        ("toml dtype", ["train", "--config", toml_dtype], "unknown dtype 'fp8'"),
         ("non-number flag", [*train, "--data", ok, "--lr", "fast"], "invalid float value"),
         ("toml wrong type", ["train", "--config", toml_bad], "n_layer must be a int"),
         ("toml unknown key", ["train", "--config", toml_unknown], "unknown setting 'layers'"),

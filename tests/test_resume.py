@@ -208,3 +208,15 @@ def test_init_from_refuses_another_vocabulary_or_shape(small_text, tmp_path, cap
     assert len(err.splitlines()) == 1 and "--n-layer 3 does not match" in err
     assert main_in_process("train", "--init-from", tmp_path / "missing", "--data", small_text) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_bfloat16_run_killed_and_resumed_ends_bitwise_identical(small_text, tmp_path):
+    """Mixed precision changes the arithmetic, not its determinism: kill and resume still match
+    the uninterrupted run bit for bit."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    settings = tiny_settings(small_text, run, max_steps=20, dtype="bfloat16")
+    assert run_tinygpt("train", *flags(settings), fault="step@13").returncode == -signal.SIGKILL
+    assert main_in_process("train", "--resume", run) == 0
+    train_in_process(small_text, ref, max_steps=20, dtype="bfloat16")
+    assert weights_digest(run) == weights_digest(ref)
+    assert losses(run) == losses(ref)

@@ -2,9 +2,13 @@ import json
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tinygpt.config import TrainConfig, parse_duration
-from tinygpt.train import train
+from tinygpt.train import autocast_dtype, native_bf16, train
+
+MODERN_ARCH = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False)
 
 
 @pytest.mark.parametrize(
@@ -124,3 +128,56 @@ def test_gpt_beats_the_bigram_after_a_short_cpu_run(shakespeare, cli, tmp_path):
     result = json.loads(cli("eval", run, "--json", check=True).stdout)
     assert result["val_loss"] < 2.25, result
     assert result["bits_per_char"] == pytest.approx(result["val_loss"] / math.log(2))
+
+
+def test_dtype_choice():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if native_bf16(cpu) else None)
+    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
+        TrainConfig.resolve({"dtype": "float16"})
+
+
+def test_bfloat16_training_learns_and_keeps_float32_weights(small_text, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(small_text, run, lr=3e-3, dtype="bfloat16", **MODERN_ARCH)
+    train(cfg, log=lambda s: None, progress_bar=False)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["val_loss"] < lines[0]["val_loss"] - 0.3
+    weights = load_file(str(run / "last" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_compiled_training_matches_eager(small_text, tmp_path):
+    """torch.compile fuses and reorders float32 arithmetic, so the two runs agree closely but not
+    bit for bit; the checkpoint of a compiled run has the plain model's parameter names."""
+    kw = dict(max_steps=4, eval_interval=4, sample_chars=0, **MODERN_ARCH)
+    eager = train(tiny_cfg(small_text, tmp_path / "e", **kw), log=lambda s: None,
+                  progress_bar=False)
+    logs = []
+    compiled = train(tiny_cfg(small_text, tmp_path / "c", compile=True, **kw), log=logs.append,
+                     progress_bar=False)
+    assert any("torch.compile" in line for line in logs)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, abs=1e-3)
+    a = load_file(str(tmp_path / "e" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "c" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_a_failing_compile_is_one_actionable_error(small_text, tmp_path, monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    from tinygpt.errors import TinyGPTError
+
+    def broken(model):
+        def forward(*args, **kwargs):
+            raise TorchDynamoException("no working C++ compiler found\ndetails...")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(TinyGPTError, match=r"torch.compile failed \(no working C\+\+ compiler "
+                                           r"found\); train without --compile"):
+        train(tiny_cfg(small_text, tmp_path / "r", compile=True), log=lambda s: None,
+              progress_bar=False)

@@ -64,11 +64,12 @@ from tinygpt.tokenizer import CharTokenizer
 RESUME_MAY_CHANGE = ("max_steps", "max_time", "device", "eval_interval", "sample_chars", "keep")
 # With --init-from the model's shape comes from the source checkpoint (and must match if given);
 # dropout and causal default to the source's values but may be changed for fine-tuning.
+INIT_DEFAULT_KEYS = {"gpt": ("dropout", "attn_dropout", "causal"), "bigram": ()}
 INIT_SHAPE_KEYS = {
-    "gpt": tuple(f.name for f in fields(GPTConfig) if f.name not in ("vocab_size", "dropout", "causal")),
+    "gpt": tuple(f.name for f in fields(GPTConfig)
+                 if f.name != "vocab_size" and f.name not in INIT_DEFAULT_KEYS["gpt"]),
     "bigram": (),
 }
-INIT_DEFAULT_KEYS = {"gpt": ("dropout", "causal"), "bigram": ()}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -84,6 +85,24 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "mps" and not _mps_available():
         raise TinyGPTError("--device mps asked for, but MPS is not available here")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware (so mixed precision pays)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, f, lambda: False)() for f in (
+            "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--dtype name`` on ``device``; None means plain float32."""
+    if name == "bfloat16" or (name == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
 
 
 def _mps_available() -> bool:
@@ -344,7 +363,7 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
             )
         out[key] = value
     for key in INIT_DEFAULT_KEYS.get(kind, ()):
-        out.setdefault(key, mc[key])
+        out.setdefault(key, mc.get(key, defaults[key]))
     return out
 
 
@@ -475,7 +494,10 @@ def train(
     if init is not None:
         _init_weights_from(model, cfg, model_config, init)
     if resume is not None:
-        saved_model = (resume.state["model"], resume.state["model_config"])
+        # Filled in with today's defaults: a field added since the checkpoint was written
+        # does not make it a different model.
+        saved_model = (resume.state["model"],
+                       {**model_config.to_dict(), **resume.state["model_config"]})
         if saved_model != (cfg.model, model_config.to_dict()):
             raise TinyGPTError(
                 f"the checkpoint {resume.path} holds a different model than its run's settings "
@@ -509,6 +531,14 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
     )
     if init is not None:
         log(f"weights from {init.path} (step {init.state.get('step')}); new optimizer and schedule")
+    amp_dtype = autocast_dtype(cfg.dtype, device)
+    if amp_dtype is not None:
+        log("mixed precision: bfloat16 matrix products, float32 weights and optimizer")
+    # The compiled module shares the model's parameters; evaluation, checkpoints and sampling use
+    # the plain model. Compilation happens in the first training step and counts as its time.
+    forward = torch.compile(model) if cfg.compile else model
+    if cfg.compile:
+        log("compiling the model with torch.compile: the first step takes a while")
 
     # Batches come from their own generators: training draws never depend on evaluation. The
     # evaluation batches are drawn once from a fixed seed, so a resumed run gets the same ones.
@@ -638,9 +668,11 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                     group["lr"] = group["base_lr"] * factor
                 x, y = corpus.get_batch("train", B, T, batch_gen)
                 x, y = x.to(device), y.to(device)
-                _, loss = model(x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                with _compile_errors(cfg.compile):
+                    with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
+                        _, loss = forward(x, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 if cfg.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 else:
@@ -681,6 +713,25 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
         sample = sample_text(model, tokenizer, cfg.sample_chars, seed=cfg.seed, device=device,
                              block_size=getattr(model_config, "block_size", 1))
     return TrainResult(run_dir, step, train_loss, val_loss, best_val, model, tokenizer, sample)
+
+
+@contextlib.contextmanager
+def _compile_errors(compiling: bool) -> Iterator[None]:
+    """Turn a failure of torch.compile into a one-line error that says what to do."""
+    if not compiling:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
+
+        if not isinstance(e, (BackendCompilerFailed, TorchDynamoException)):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TinyGPTError(
+            f"torch.compile failed ({first[:200]}); train without --compile"
+        ) from None
 
 
 def _newest(saved_step: int | None) -> str:

@@ -18,6 +18,7 @@ H = heads, D = head size (C // H), V = vocabulary size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +44,9 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
+    # Dropout on the attention weights; None: the same as dropout. 0 with dropout > 0 keeps the
+    # fused attention kernel (the CPU one has no dropout) while still regularising the rest.
+    attn_dropout: float | None = None
     bias: bool = True  # biases in Linear layers and LayerNorms
     # Teaching switch: False lets every position attend to the future too. Training loss then
     # collapses (the answer is visible) while sampling, which has no future, produces garbage.
@@ -68,8 +72,12 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
             )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attn_dropout"):
+            p = getattr(self, name)
+            if p is None and name == "attn_dropout":
+                continue
+            if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise ValueError(
                 f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, "
@@ -135,7 +143,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.causal = config.causal
-        self.dropout = config.dropout
+        self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
         # Queries, keys and values for all heads in one matmul.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -153,7 +161,14 @@ class CausalSelfAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        # Under bfloat16 autocast on a CPU, attention itself runs in float32: the CPU flash
+        # kernel's bf16 backward is several times slower than its float32 one, and attention is
+        # a small share of the FLOPs. (Elsewhere, and in float32 runs, nothing changes.)
+        upcast = qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"
+        if upcast:
+            qkv = qkv.float()
+        q, k, v = qkv.split(C, dim=2)  # each (B, T, C)
         # (B, T, C) -> (B, H, T, D): every head attends independently.
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -171,12 +186,13 @@ class CausalSelfAttention(nn.Module):
         # softmax(q k^T / sqrt(D)) v, with the upper triangle masked out when causal. SDPA picks
         # a fused kernel; it is the lecture's `wei.masked_fill(tril == 0, -inf)` done fast.
         # (is_causal aligns the triangle top-left, so it only applies when T == L.)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal and mask is None and T == k.size(2),
-        )  # (B, H, T, D)
+        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal and mask is None and T == k.size(2),
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
