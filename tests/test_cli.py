@@ -135,6 +135,8 @@ def _bad_cases(tmp):
         ("block_size <= 0", [*train, "--data", ok, "--block-size", "0"], "block_size"),
         ("dropout >= 1", [*train, "--data", ok, "--dropout", "1.0"], "dropout"),
         ("dropout < 0", [*train, "--data", ok, "--dropout", "-0.5"], "dropout"),
+        ("attn_dropout >= 1", [*train, "--data", ok, "--attn-dropout", "1.5"],
+         "attn_dropout must be in [0, 1)"),
         ("batch_size 0", [*train, "--data", ok, "--batch-size", "0"], "batch_size"),
         ("bad max-time", [*train, "--data", ok, "--max-time", "soon"], "cannot read duration"),
         ("unknown dtype", [*train, "--data", ok, "--dtype", "float16"], "invalid choice"),

@@ -134,3 +134,16 @@ def test_attention_runs_in_float32_under_cpu_bfloat16_autocast(option, monkeypat
     # cast the inputs back to bf16 otherwise).
     assert seen == [(torch.float32, torch.float32, torch.float32, False)] * 4
     assert loss.item() == pytest.approx(loss32.item(), abs=0.02)
+
+
+def test_attn_dropout_zero_keeps_the_other_dropouts():
+    """``attn_dropout=0`` turns off dropout on the attention weights only: the residual and MLP
+    dropouts still make training-mode outputs random, and eval mode is deterministic."""
+    model = model_with("classic", dropout=0.5, attn_dropout=0.0).train()
+    assert all(b.attn.dropout == 0.0 for b in model.blocks)
+    assert all(b.attn.resid_dropout.p == 0.5 and b.mlp.dropout.p == 0.5 for b in model.blocks)
+    idx = torch.randint(0, 13, (2, 16))
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    assert model_with("classic", dropout=0.3).blocks[0].attn.dropout == 0.3  # None: same as dropout
