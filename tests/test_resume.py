@@ -220,3 +220,40 @@ def test_bfloat16_run_killed_and_resumed_ends_bitwise_identical(small_text, tmp_
     train_in_process(small_text, ref, max_steps=20, dtype="bfloat16")
     assert weights_digest(run) == weights_digest(ref)
     assert losses(run) == losses(ref)
+
+
+def test_resume_may_switch_compile_on_or_off(small_text, tmp_path, monkeypatch):
+    """--compile is a speed setting like --device: a resumed run may change it (torch.compile
+    is replaced by a recording identity here, the real one is tested in test_train)."""
+    import torch
+
+    run = tmp_path / "run"
+    train_in_process(small_text, run, max_steps=10)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    assert main_in_process("train", "--resume", run, "--max-steps", "20", "--compile") == 0
+    state = json.loads((run / "last" / "state.json").read_text())
+    assert compiled and state["step"] == 20 and state["train_config"]["compile"] is True
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(small_text, tmp_path):
+    """A run saved before dtype/compile/attn_dropout existed had their defaults: it resumes, and
+    giving the default value explicitly is not a change."""
+    from tinygpt.files import sha256_file
+
+    run = tmp_path / "run"
+    train_in_process(small_text, run, max_steps=10)
+    folder = (run / "last").resolve()
+    state = json.loads((folder / "state.json").read_text())
+    for key in ("dtype", "compile", "attn_dropout"):
+        del state["train_config"][key]
+    del state["model_config"]["attn_dropout"]
+    (folder / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"size": (folder / "state.json").stat().st_size,
+                                       "sha256": sha256_file(folder / "state.json")}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    verify_checkpoint(folder)
+    assert main_in_process("train", "--resume", run, "--max-steps", "20",
+                           "--dtype", "float32") == 0
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 20

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue this run from its newest complete checkpoint, with its own settings "
-        "(only --max-steps, --max-time, --device, --eval-interval, --sample-chars, --keep may "
-        "change; --data may name the same text at a new place)",
+        "(only --max-steps, --max-time, --device, --compile, --eval-interval, --sample-chars, "
+        "--keep may change; --data may name the same text at a new place)",
     )
     _add_train_flags(p)
 

@@ -59,9 +59,12 @@ from tinygpt.models import GPTConfig, build_model
 from tinygpt.optim import CombinedOptimizer, build_optimizer, lr_factor
 from tinygpt.tokenizer import CharTokenizer
 
-# Settings that --resume may change: none of them changes what a step computes (max_steps and
-# max_time do re-stretch the cosine schedule over the new length -- that is what extending means).
-RESUME_MAY_CHANGE = ("max_steps", "max_time", "device", "eval_interval", "sample_chars", "keep")
+# Settings that --resume may change: none of them changes what a step computes beyond rounding
+# (device and compile reorder float arithmetic; max_steps and max_time do re-stretch the cosine
+# schedule over the new length -- that is what extending means).
+RESUME_MAY_CHANGE = (
+    "max_steps", "max_time", "device", "compile", "eval_interval", "sample_chars", "keep",
+)
 # With --init-from the model's shape comes from the source checkpoint (and must match if given);
 # dropout and causal default to the source's values but may be changed for fine-tuning.
 INIT_DEFAULT_KEYS = {"gpt": ("dropout", "attn_dropout", "causal"), "bigram": ()}
@@ -70,6 +73,7 @@ INIT_SHAPE_KEYS = {
                  if f.name != "vocab_size" and f.name not in INIT_DEFAULT_KEYS["gpt"]),
     "bigram": (),
 }
+_GPT_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # for checkpoints older than a field
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -312,12 +316,14 @@ def prepare_resume(
         raise TinyGPTError(f"--out {out} is not the run being resumed ({run_dir}); leave --out out")
     data = given.pop("data", None)
     ckpt = load_training_checkpoint(run_dir, warn)
-    saved = dict(ckpt.state["train_config"])
+    # A setting added since the checkpoint was written had its default value in that run.
+    known = {f.name: f.default for f in fields(TrainConfig)}
+    saved = {**known, **ckpt.state["train_config"]}
     allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
     for key, value in given.items():
         if key in RESUME_MAY_CHANGE:
             continue
-        if key not in saved:
+        if key not in known:
             raise TinyGPTError(f"unknown setting {key!r}")
         if value != saved[key]:
             raise TinyGPTError(
@@ -353,9 +359,8 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
     if settings.get("model", kind) != kind:
         raise TinyGPTError(f"--model {settings['model']} does not match {source}, a {kind} model")
     out = {**settings, "model": kind}
-    defaults = {f.name: f.default for f in fields(GPTConfig)}
     for key in INIT_SHAPE_KEYS.get(kind, ()):
-        value = mc.get(key, defaults[key])
+        value = mc.get(key, _GPT_DEFAULTS[key])
         if key in settings and settings[key] != value:
             raise TinyGPTError(
                 f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
@@ -363,7 +368,7 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
             )
         out[key] = value
     for key in INIT_DEFAULT_KEYS.get(kind, ()):
-        out.setdefault(key, mc.get(key, defaults[key]))
+        out.setdefault(key, mc.get(key, _GPT_DEFAULTS[key]))
     return out
 
 
@@ -388,9 +393,8 @@ def _init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: C
             f"--init-from {cfg.init_from} holds a {init.model_kind} model, not {cfg.model}"
         )
     mc = init.state["model_config"]
-    defaults = {f.name: f.default for f in fields(GPTConfig)}
     for key in ("vocab_size", *INIT_SHAPE_KEYS.get(cfg.model, ())):
-        if getattr(model_config, key) != mc.get(key, defaults.get(key)):
+        if getattr(model_config, key) != mc.get(key, _GPT_DEFAULTS.get(key)):
             raise TinyGPTError(
                 f"the model of {cfg.init_from} has {key} = {mc.get(key)!r}, this run "
                 f"{getattr(model_config, key)!r}; --init-from needs the same shape"
@@ -668,7 +672,7 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                     group["lr"] = group["base_lr"] * factor
                 x, y = corpus.get_batch("train", B, T, batch_gen)
                 x, y = x.to(device), y.to(device)
-                with _compile_errors(cfg.compile):
+                with _compile_errors():
                     with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                         _, loss = forward(x, y)
                     optimizer.zero_grad(set_to_none=True)
@@ -716,21 +720,19 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
 
 
 @contextlib.contextmanager
-def _compile_errors(compiling: bool) -> Iterator[None]:
+def _compile_errors() -> Iterator[None]:
     """Turn a failure of torch.compile into a one-line error that says what to do."""
-    if not compiling:
-        yield
-        return
     try:
         yield
     except Exception as e:
-        from torch._dynamo.exc import BackendCompilerFailed, TorchDynamoException
+        from torch._dynamo.exc import TorchDynamoException  # compile failures derive from it
 
-        if not isinstance(e, (BackendCompilerFailed, TorchDynamoException)):
+        if not isinstance(e, TorchDynamoException):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TinyGPTError(
-            f"torch.compile failed ({first[:200]}); train without --compile"
+            f"torch.compile failed ({first[:200]}); train without --compile (a resumed run "
+            f"too: --resume RUN_DIR --no-compile)"
         ) from None
 
 
