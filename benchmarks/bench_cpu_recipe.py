@@ -66,8 +66,7 @@ def run(name: str, settings: dict, data: str, eval_every_steps: int, tmp: Path, 
                    handle_signals=False)
     rows = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    tokens = last["step"] * cfg.batch_size * cfg.block_size
-    tok_s = tokens / last["elapsed_s"]
+    tok_s = last["tokens"] / last["elapsed_s"]
     fpt = flops_per_token(result.model, cfg.block_size)
     return {
         "name": name, "settings": cfg.to_dict(), "params": sum(p.numel() for p in result.model.parameters()),

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from tinygpt.errors import TinyGPTError
+
 TINY = [
     "--n-layer",
     "1",
@@ -101,6 +103,18 @@ def test_help_shows_defaults(cli):
     assert "default: 0.001" in out and "lecture=0.0003" in out
 
 
+def test_toml_reads_the_older_qk_norm_spelling(tmp_path):
+    from tinygpt.cli import read_toml_settings
+    from tinygpt.config import TrainConfig
+
+    conf = tmp_path / "old.toml"
+    conf.write_text("qk_norm = true\nnorm = 'rmsnorm'\n")
+    assert TrainConfig.resolve(read_toml_settings(str(conf))).qk_norm == "rmsnorm"
+    conf.write_text("qk_norm = 3\n")
+    with pytest.raises(TinyGPTError, match="qk_norm must be a str"):
+        read_toml_settings(str(conf))
+
+
 def _bad_cases(tmp):
     """(name, argv, expected fragment of the one-line message)."""
     bad_utf8 = tmp / "bad.txt"
@@ -118,6 +132,8 @@ def _bad_cases(tmp):
     toml_bad.write_text("n_layer = 'two'\n")
     toml_dtype = tmp / "dtype.toml"
     toml_dtype.write_text("dtype = 'fp8'\n")
+    toml_qk = tmp / "qk.toml"
+    toml_qk.write_text("qk_norm = 'l2'\n")
     toml_unknown = tmp / "unknown.toml"
     toml_unknown.write_text("layers = 2\n")
     train = ["train", "--out", tmp / "r", "--max-steps", "1", "--sample-chars", "0"]
@@ -138,6 +154,10 @@ def _bad_cases(tmp):
         ("attn_dropout >= 1", [*train, "--data", ok, "--attn-dropout", "1.5"],
          "attn_dropout must be in [0, 1)"),
         ("batch_size 0", [*train, "--data", ok, "--batch-size", "0"], "batch_size"),
+        ("batch_start > batch_size", [*train, "--data", ok, "--batch-size", "4",
+                                      "--batch-start", "8"], "batch_start must be"),
+        ("unknown qk-norm", [*train, "--data", ok, "--qk-norm", "l2"], "invalid choice"),
+        ("toml qk_norm", ["train", "--config", toml_qk], "qk_norm must be one of"),
         ("bad max-time", [*train, "--data", ok, "--max-time", "soon"], "cannot read duration"),
         ("unknown dtype", [*train, "--data", ok, "--dtype", "float16"], "invalid choice"),
         ("toml dtype", ["train", "--config", toml_dtype], "unknown dtype 'fp8'"),

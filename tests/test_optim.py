@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tinygpt.models import GPT, BigramConfig, BigramLM, GPTConfig
-from tinygpt.optim import build_optimizer, lr_factor, split_parameters
+from tinygpt.optim import batch_size_at, build_optimizer, lr_factor, split_parameters, tokens_seen
 
 
 def tiny_gpt(**kw):
@@ -83,3 +83,26 @@ def test_wsd_factor_is_flat_then_decays_linearly_to_the_end_value():
     assert f(1.7) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="unknown schedule"):
         lr_factor("step", 100, 0.5, 10, 0.0)
+
+
+def test_batch_warmup_grows_in_multiples_of_the_start():
+    sizes = [batch_size_at(s, 32, 8, 300) for s in range(400)]
+    assert sizes[:100] == [8] * 100 and sizes[100:200] == [16] * 100
+    assert sizes[200:300] == [24] * 100 and sizes[300:] == [32] * 100
+    # 16 -> 32: the first multiple above 16 is the full batch, reached at the end of the warmup.
+    assert {batch_size_at(s, 32, 16, 200) for s in range(200)} == {16}
+    assert batch_size_at(200, 32, 16, 200) == 32
+    # A size that is no multiple of the start: the last stage is the full batch.
+    assert [batch_size_at(s, 20, 8, 12) for s in (0, 7, 8, 11, 12)] == [8, 8, 16, 16, 20]
+
+
+@pytest.mark.parametrize("start, warmup", [(None, 100), (32, 100), (8, 0)])
+def test_no_batch_warmup(start, warmup):
+    assert {batch_size_at(s, 32, start, warmup) for s in range(150)} == {32}
+
+
+@pytest.mark.parametrize("start, warmup", [(None, 0), (8, 300), (5, 7), (16, 200)])
+def test_tokens_seen_is_the_sum_of_the_batches(start, warmup):
+    for step in (0, 1, 6, 7, 150, 299, 300, 450):
+        expected = sum(batch_size_at(s, 32, start, warmup) for s in range(step)) * 64
+        assert tokens_seen(step, 32, start, warmup, 64) == expected

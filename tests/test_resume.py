@@ -7,6 +7,7 @@ import shutil
 import signal
 
 import pytest
+import torch
 
 from tinygpt.checkpoint import list_step_dirs, load_checkpoint, verify_checkpoint
 
@@ -257,3 +258,47 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(small_text, 
     assert main_in_process("train", "--resume", run, "--max-steps", "20",
                            "--dtype", "float32") == 0
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 20
+
+
+def _halves_rope(x, rot):
+    """Rotary embeddings as checkpoint format 2 computed them: channel i of a head paired with
+    channel i + D/2 (the same angles, another pairing)."""
+    cos, sin = rot.real, rot.imag
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def test_format_2_rope_runs_load_and_resume_as_the_same_model(small_text, tmp_path, monkeypatch):
+    """A run saved in format 2 (the other rotary pairing) gives the same logits after loading,
+    and resuming it matches the run that went on under format 2: weights, QK-norm gains, biases
+    and the optimizer's momentum and Adam moments are all reordered the same way. Not reordering
+    any one of them (say the Muon momentum) moves the weights by about one learning rate."""
+    import tinygpt.checkpoint as ckpt_mod
+    import tinygpt.models.gpt as gpt_mod
+    from tinygpt.checkpoint import load_checkpoint
+
+    modern = dict(pos_embedding="rope", qk_norm="rmsnorm", optimizer="muon", eval_interval=5,
+                  dropout=0.0, seed=7)
+    with monkeypatch.context() as old:  # the format-2 code
+        old.setattr(gpt_mod, "apply_rope", _halves_rope)
+        old.setattr(ckpt_mod, "FORMAT_VERSION", 2)
+        ref = train_in_process(small_text, tmp_path / "ref", max_steps=10, **modern)
+        train_in_process(small_text, tmp_path / "run", max_steps=5, **modern)
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randint(0, ref.tokenizer.vocab_size, (2, 16), generator=gen)
+        ref.model.eval()
+        with torch.no_grad():
+            ref_logits = ref.model(probe)[0]
+    state = json.loads((tmp_path / "ref" / "last" / "state.json").read_text())
+    assert state["format_version"] == 2 and state["model_config"]["qk_norm"] == "rmsnorm"
+
+    loaded = load_checkpoint(tmp_path / "ref", "last").model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe)[0], ref_logits, atol=1e-5, rtol=1e-5)
+
+    assert main_in_process("train", "--resume", tmp_path / "run", "--max-steps", "10") == 0
+    resumed = load_checkpoint(tmp_path / "run", "last")
+    assert resumed.state["format_version"] == 3
+    for name, tensor in resumed.model.state_dict().items():
+        torch.testing.assert_close(tensor, loaded.state_dict()[name], atol=2e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")

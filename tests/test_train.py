@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from tinygpt.config import TrainConfig, parse_duration
 from tinygpt.train import autocast_dtype, native_bf16, train
 
-MODERN_ARCH = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="relu2", bias=False)
+MODERN_ARCH = dict(pos_embedding="rope", norm="rmsnorm", qk_norm="rmsnorm", mlp="relu2", bias=False)
 
 
 @pytest.mark.parametrize(
@@ -181,3 +181,34 @@ def test_a_failing_compile_is_one_actionable_error(small_text, tmp_path, monkeyp
                                            r"found\); train without --compile"):
         train(tiny_cfg(small_text, tmp_path / "r", compile=True), log=lambda s: None,
               progress_bar=False)
+
+
+def test_batch_warmup_draws_the_scheduled_batches_and_counts_their_tokens(
+        small_text, tmp_path, monkeypatch):
+    from tinygpt.data import Corpus
+    from tinygpt.optim import batch_size_at
+
+    drawn = []
+    get_batch = Corpus.get_batch
+
+    def recording(self, split, batch_size, block_size, gen):
+        if split == "train" and gen.initial_seed() == 1337:  # the training stream
+            drawn.append(batch_size)
+        return get_batch(self, split, batch_size, block_size, gen)
+
+    monkeypatch.setattr(Corpus, "get_batch", recording)
+    cfg = tiny_cfg(small_text, tmp_path / "run", batch_size=8, batch_start=2,
+                   batch_warmup_steps=12, max_steps=20, eval_interval=5, sample_chars=0)
+    train(cfg, log=lambda s: None, progress_bar=False)
+    assert drawn == [batch_size_at(s, 8, 2, 12) for s in range(20)]
+    assert drawn[:3] == [2, 2, 2] and drawn[-1] == 8
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["tokens"]) for r in rows] == [
+        (s, sum(drawn[:s]) * 16) for s in (0, 5, 10, 15, 20)]
+
+
+@pytest.mark.parametrize("kw", [dict(batch_start=0), dict(batch_start=9), dict(batch_start=2.5),
+                                dict(batch_start=2, batch_warmup_steps=-1)])
+def test_bad_batch_warmup(kw):
+    with pytest.raises(ValueError, match="batch_start|batch_warmup_steps"):
+        TrainConfig.resolve({"batch_size": 8, **kw})

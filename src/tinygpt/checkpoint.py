@@ -1,6 +1,6 @@
 """Checkpoints that survive crashes: one folder per saved step, committed by a manifest.
 
-A run directory (checkpoint format 2) looks like::
+A run directory (checkpoint format 3) looks like::
 
     RUN_DIR/
       metrics.jsonl            one JSON line per evaluation
@@ -59,8 +59,11 @@ from tinygpt.files import UMASK, atomic_write, fsync_dir, sha256_file, write_jso
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import CharTokenizer
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1: real last/ and best/ folders, no manifest (sampling only)
+FORMAT_VERSION = 3
+# Format 1: real last/ and best/ folders, no manifest (sampling only). Format 2: rotary embeddings
+# paired channel i with i + D/2 of each head; loading converts it (see ``upgrade_rope_layout``).
+READABLE_VERSIONS = (1, 2, 3)
+MANIFEST_VERSIONS = (2, 3)
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
@@ -356,10 +359,11 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{MANIFEST} is missing (the save never completed)")
     manifest = _read_json(manifest_path)
     files = manifest.get("files")
-    if manifest.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
+    version = manifest.get("format_version")
+    if version not in MANIFEST_VERSIONS or not isinstance(files, dict):
         raise CheckpointError(
-            f"{MANIFEST} has format version {manifest.get('format_version')!r}; this tinygpt "
-            f"reads version {FORMAT_VERSION}"
+            f"{MANIFEST} has format version {version!r}; this tinygpt reads versions "
+            f"{', '.join(map(str, MANIFEST_VERSIONS))}"
         )
     if STATE not in files or WEIGHTS not in files:
         raise CheckpointError(f"{MANIFEST} does not list {STATE} and {WEIGHTS}")
@@ -379,9 +383,9 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
                 f"{name} does not match its sha256 in {MANIFEST} (damaged or modified)"
             )
     state = _read_json(ckpt_dir / STATE)
-    if state.get("format_version") != FORMAT_VERSION:
+    if state.get("format_version") != version:
         raise CheckpointError(
-            f"{STATE} has format version {state.get('format_version')!r}, expected {FORMAT_VERSION}"
+            f"{STATE} has format version {state.get('format_version')!r}, expected {version}"
         )
     return state
 
@@ -485,6 +489,39 @@ def find_checkpoint(run_dir: Path, which: str = "best", warn: Warn | None = None
     return _first_usable(run_dir, _candidates(run_dir, which), check, warn)
 
 
+def upgrade_rope_layout(state: dict) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
+    """How to bring a format-2 checkpoint's tensors to today's rotary layout, or None.
+
+    Format 2 rotated the channel pairs (i, i + D/2) of each head; today adjacent channels
+    (2i, 2i + 1) form a pair. Moving channel i to 2i and i + D/2 to 2i + 1 in every query and key
+    head (the rows of ``c_attn`` that make q and k, and the QK-norm gains) gives the same model:
+    q.k is a sum over channels, so reordering the channels of both changes nothing. The returned
+    function maps (parameter name, tensor of that parameter's shape) to the reordered tensor; it
+    serves the weights and the optimizer's per-parameter state alike.
+    """
+    config = state.get("model_config") or {}
+    if (state.get("format_version", FORMAT_VERSION) >= 3 or state.get("model") != "gpt"
+            or config.get("pos_embedding") != "rope"):
+        return None
+    C, H = config["n_embd"], config["n_head"]
+    D = C // H
+
+    def interleave(rows: torch.Tensor) -> torch.Tensor:  # (n * D, ...) -> same, pairs adjacent
+        n = rows.shape[0] // D
+        return rows.reshape(n, 2, D // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
+        if not name.startswith("blocks."):
+            return t
+        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
+            return torch.cat([interleave(t[: 2 * C]), t[2 * C :]])  # q and k rows; v stays
+        if ".attn.q_norm." in name or ".attn.k_norm." in name:
+            return interleave(t)
+        return t
+
+    return convert
+
+
 def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
     try:
         config = make_config(state["model"], state["model_config"])
@@ -495,6 +532,9 @@ def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
         ) from None
     model = build_model(state["model"], config)
     weights = load_weights(folder / WEIGHTS)
+    convert = upgrade_rope_layout(state)
+    if convert is not None:
+        weights = {name: convert(name, t) for name, t in weights.items()}
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -549,7 +589,7 @@ def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> Trainin
 
     def load(folder: Path) -> TrainingCheckpoint:
         state = verify_checkpoint(folder)
-        if state.get("format_version") != FORMAT_VERSION:
+        if state.get("format_version") == 1:
             raise CheckpointError("format 1 checkpoint without training state")
         for key in ("step", "model", "model_config", "tokenizer", "train_config", "data"):
             if key not in state:

@@ -88,6 +88,7 @@ def read_toml_settings(path: str) -> dict:
             raise TinyGPTError(f"{path}: unknown setting {key!r}")
         t = _field_type(known[name])
         ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
+        ok = ok or (isinstance(value, bool) and known[name].metadata.get("older_bool", False))
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:

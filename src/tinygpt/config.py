@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
-from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS
+from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "auto")
@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
     },
 }
 _MODERN_ARCH = {
-    "pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2", "bias": False,
+    "pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": "rmsnorm", "mlp": "relu2", "bias": False,
     "zero_init": True, "dropout": 0.0, "dtype": "auto",
 }
 _MODERN_OPT = {
@@ -43,8 +43,11 @@ PRESETS["modern"] = {
     **_MODERN_ARCH, **_MODERN_OPT, "batch_size": 32, "block_size": 64, "n_layer": 4,
     "n_head": 4, "n_embd": 128, "warmup_steps": 20, "max_steps": 1000, "eval_interval": 100,
     # In bf16 on a CPU, GELU's single fused kernel beats ReLU^2's two ops, and learned as well;
-    # at a one-minute budget a longer decay (the second half of the run) ends lower.
-    "mlp": "gelu", "decay_fraction": 0.5,
+    # at a one-minute budget a longer decay (the second half of the run) ends lower. LayerNorm
+    # (no bias) is a fused kernel on the CPU where RMSNorm is several ops: as good, 20% faster
+    # steps. Half-size batches for the first 200 steps reach a given loss on fewer tokens.
+    "mlp": "gelu", "decay_fraction": 0.5, "norm": "layernorm", "qk_norm": "layernorm",
+    "batch_start": 16, "batch_warmup_steps": 200,
 }
 PRESETS["modern-large"] = {
     **_MODERN_ARCH, **_MODERN_OPT, "batch_size": 16, "block_size": 256, "n_layer": 6,
@@ -100,6 +103,11 @@ class TrainConfig:
     )
     # model shape (GPT)
     batch_size: int = _opt(32, "sequences per optimizer step")
+    batch_start: int | None = _opt(
+        None, "batch-size warmup: sequences per step at the start, growing to --batch-size over "
+        "--batch-warmup-steps in multiples of this (default: no warmup)",
+    )
+    batch_warmup_steps: int = _opt(0, "steps over which the batch grows from --batch-start")
     block_size: int = _opt(64, "context length in characters")
     n_layer: int = _opt(4, "transformer blocks")
     n_head: int = _opt(4, "attention heads per block")
@@ -115,7 +123,10 @@ class TrainConfig:
         choices=POS_EMBEDDINGS,
     )
     norm: str = _opt("layernorm", "layernorm, or rmsnorm", choices=NORMS)
-    qk_norm: bool = _opt(False, "RMS-normalise each head's queries and keys")
+    qk_norm: str = _opt(
+        "none", "normalise each head's queries and keys: rmsnorm, layernorm, or none",
+        choices=QK_NORMS, older_bool=True,  # true/false in older configs: rmsnorm/none
+    )
     mlp: str = _opt("gelu", "MLP activation: gelu, relu2 (squared ReLU) or swiglu", choices=MLPS)
     tie_embeddings: bool = _opt(False, "share the token embedding table with the output head")
     zero_init: bool = _opt(False, "initialise residual projections and the head to zero")
@@ -167,6 +178,8 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self) -> None:
+        if isinstance(self.qk_norm, bool):  # the spelling of older configs and checkpoints
+            self.qk_norm = "rmsnorm" if self.qk_norm else "none"
         if self.model not in MODEL_KINDS:
             kinds = ", ".join(MODEL_KINDS)
             raise ValueError(f"unknown model {self.model!r}; choose one of {kinds}")
@@ -176,7 +189,14 @@ class TrainConfig:
         for name in positive:
             if _bad_int(getattr(self, name), minimum=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "sample_chars", "keep"):
+        if self.batch_start is not None and (
+            _bad_int(self.batch_start, minimum=1) or self.batch_start > self.batch_size
+        ):
+            raise ValueError(
+                f"batch_start must be a positive integer no larger than batch_size "
+                f"({self.batch_size}), got {self.batch_start!r}"
+            )
+        for name in ("warmup_steps", "batch_warmup_steps", "sample_chars", "keep"):
             if _bad_int(getattr(self, name), minimum=0):
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.max_steps is not None and _bad_int(self.max_steps, minimum=1):

@@ -7,7 +7,9 @@ head, biases and norm gains. Both live behind one object with the optimizer meth
 loop uses.
 
 Schedules return a *factor* in [0, 1] that multiplies each parameter group's own peak learning
-rate, so Muon and AdamW groups with different peaks follow the same curve.
+rate, so Muon and AdamW groups with different peaks follow the same curve. ``batch_size_at`` is
+the batch-size warmup: small batches early, when a few noisy steps teach as much as one careful
+step, then the full batch.
 """
 
 from __future__ import annotations
@@ -51,6 +53,28 @@ def lr_factor(
             return 1.0
         return 1.0 - (1.0 - min_ratio) * (p - start) / decay_fraction
     raise ValueError(f"unknown schedule {schedule!r} (expected one of: {', '.join(SCHEDULES)})")
+
+
+def batch_size_at(step: int, batch_size: int, start: int | None, warmup_steps: int) -> int:
+    """Sequences in the batch of ``step`` (a pure function).
+
+    Without a warmup (``start`` None, or ``warmup_steps`` 0) every batch has ``batch_size``.
+    Otherwise the size follows a line from ``start`` up to ``batch_size`` over ``warmup_steps``,
+    rounded down to a multiple of ``start``: 8 -> 32 over 300 steps gives 8 for 100 steps, then
+    16, then 24, then 32. Few distinct sizes keep a compiled model from recompiling often.
+    """
+    if start is None or step >= warmup_steps or start >= batch_size:
+        return batch_size
+    line = start + (batch_size - start) * step / warmup_steps
+    return min(batch_size, start * int(line // start))
+
+
+def tokens_seen(step: int, batch_size: int, start: int | None, warmup_steps: int,
+                block_size: int) -> int:
+    """Training tokens in the first ``step`` steps (see ``batch_size_at``)."""
+    ramp = min(step, warmup_steps) if start is not None else 0
+    sequences = sum(batch_size_at(i, batch_size, start, warmup_steps) for i in range(ramp))
+    return (sequences + (step - ramp) * batch_size) * block_size
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

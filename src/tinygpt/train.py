@@ -23,6 +23,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -48,6 +49,7 @@ from tinygpt.checkpoint import (
     save_run_checkpoint,
     step_dir_name,
     sweep_partials,
+    upgrade_rope_layout,
     warn_stderr,
 )
 from tinygpt.config import TrainConfig
@@ -55,8 +57,14 @@ from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.evaluate import evaluate_tokens
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
-from tinygpt.models import GPTConfig, build_model
-from tinygpt.optim import CombinedOptimizer, build_optimizer, lr_factor
+from tinygpt.models import GPTConfig, build_model, make_config
+from tinygpt.optim import (
+    CombinedOptimizer,
+    batch_size_at,
+    build_optimizer,
+    lr_factor,
+    tokens_seen,
+)
 from tinygpt.tokenizer import CharTokenizer
 
 # Settings that --resume may change: none of them changes what a step computes beyond rounding
@@ -500,8 +508,9 @@ def train(
     if resume is not None:
         # Filled in with today's defaults: a field added since the checkpoint was written
         # does not make it a different model.
-        saved_model = (resume.state["model"],
-                       {**model_config.to_dict(), **resume.state["model_config"]})
+        saved_model = (resume.state["model"], make_config(
+            resume.state["model"], {**model_config.to_dict(), **resume.state["model_config"]}
+        ).to_dict())
         if saved_model != (cfg.model, model_config.to_dict()):
             raise TinyGPTError(
                 f"the checkpoint {resume.path} holds a different model than its run's settings "
@@ -515,6 +524,13 @@ def train(
             optimizer.load_state_dict(resume.optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise TinyGPTError(f"the optimizer state in {resume.path} does not fit: {e}") from None
+        convert = upgrade_rope_layout(resume.state)  # the weights were converted on loading
+        if convert is not None:
+            for name, p in model.named_parameters():
+                for opt in optimizer.optimizers.values():
+                    for key, value in opt.state.get(p, {}).items():
+                        if torch.is_tensor(value) and value.shape == p.shape:
+                            opt.state[p][key] = convert(name, value)
 
     with _run_lock(run_dir):
         if resume is not None:
@@ -625,7 +641,8 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
             )
         record = {
             "step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
-            "tokens": step * B * T, "elapsed_s": round(elapsed, 3),
+            "tokens": tokens_seen(step, B, cfg.batch_start, cfg.batch_warmup_steps, T),
+            "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
         }
         improved = val_loss < best_val
@@ -670,7 +687,8 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                 lr = cfg.lr * factor
                 for group in optimizer.param_groups:  # each group follows the curve from its peak
                     group["lr"] = group["base_lr"] * factor
-                x, y = corpus.get_batch("train", B, T, batch_gen)
+                b = batch_size_at(step, B, cfg.batch_start, cfg.batch_warmup_steps)
+                x, y = corpus.get_batch("train", b, T, batch_gen)
                 x, y = x.to(device), y.to(device)
                 with _compile_errors():
                     with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
@@ -699,7 +717,7 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
                 fault_point("step", step)
                 dt = time.perf_counter() - t_step
                 elapsed += dt
-                rate = B * T / max(dt, 1e-9)
+                rate = b * T / max(dt, 1e-9)
                 tokens_per_s = rate if step == 1 else 0.9 * tokens_per_s + 0.1 * rate
                 bar.update(1)
                 postfix = {"loss": f"{loss_value:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
@@ -723,7 +741,12 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
 def _compile_errors() -> Iterator[None]:
     """Turn a failure of torch.compile into a one-line error that says what to do."""
     try:
-        yield
+        with warnings.catch_warnings():
+            # Inductor leaves the complex multiply of the rotary embeddings to PyTorch's own
+            # kernel and warns that this may be slow; measured, the compiled step is no slower.
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation "
+                                    "for complex operators")
+            yield
     except Exception as e:
         from torch._dynamo.exc import TorchDynamoException  # compile failures derive from it
 

@@ -12,14 +12,15 @@ OPTIONS = {
     "classic": {},
     "rope": {"pos_embedding": "rope"},
     "rmsnorm": {"norm": "rmsnorm"},
-    "qk_norm": {"qk_norm": True},
+    "qk_norm": {"qk_norm": "rmsnorm"},
+    "qk_layernorm": {"qk_norm": "layernorm"},
     "relu2": {"mlp": "relu2"},
     "swiglu": {"mlp": "swiglu"},
     "no_bias": {"bias": False},
     "tied_head": {"tie_embeddings": True},
     "zero_init": {"zero_init": True},
     "softcap": {"logit_softcap": 15.0},
-    "all_modern": {"pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "relu2",
+    "all_modern": {"pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": "rmsnorm", "mlp": "relu2",
                    "bias": False, "zero_init": True, "logit_softcap": 15.0},
 }
 
@@ -75,12 +76,21 @@ def test_options_change_the_parameters_as_documented():
     swiglu = model_with("swiglu")
     assert abs(swiglu.num_params() - classic.num_params()) / classic.num_params() < 0.02
     assert model_with("zero_init").lm_head.weight.abs().sum() == 0
-    assert model_with("qk_norm").blocks[0].attn.q_norm is not None
+    assert isinstance(model_with("qk_norm").blocks[0].attn.q_norm, torch.nn.RMSNorm)
+    assert isinstance(model_with("qk_layernorm").blocks[0].attn.k_norm, torch.nn.LayerNorm)
+    assert model_with("classic").blocks[0].attn.q_norm is None
+
+
+def test_qk_norm_reads_the_older_true_false_spelling():
+    """Configs and checkpoints from before the layernorm choice said qk_norm = true/false."""
+    assert GPTConfig(vocab_size=5, qk_norm=True).qk_norm == "rmsnorm"
+    assert GPTConfig(vocab_size=5, qk_norm=False).qk_norm == "none"
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [({"norm": "batchnorm"}, "norm must be one of"), ({"mlp": "tanh"}, "mlp must be one of"),
+     ({"qk_norm": "l2"}, "qk_norm must be one of none, layernorm, rmsnorm"),
      ({"logit_softcap": 0.0}, "logit_softcap"), ({"logit_softcap": -3.0}, "logit_softcap")],
 )
 def test_bad_options(kw, match):

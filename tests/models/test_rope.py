@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinygpt.models import GPT, GPTConfig
-from tinygpt.models.gpt import apply_rope, rope_tables
+from tinygpt.models.gpt import apply_rope, rope_rotations
 
 
 def rope_config(**kw) -> GPTConfig:
@@ -78,11 +78,11 @@ def test_positions_matter():
 def test_scores_depend_only_on_relative_position():
     torch.manual_seed(3)
     D = 8
-    cos, sin = rope_tables(D, 64)
+    rot = rope_rotations(D, 64)  # (64, D/2)
     q, k = torch.randn(D), torch.randn(D)
 
     def rotate(x, p):
-        return apply_rope(x.view(1, 1, 1, D), cos[p].view(1, 1, 1, -1), sin[p].view(1, 1, 1, -1))
+        return apply_rope(x.view(1, 1, 1, D), rot[p].view(1, 1, -1)).view(D)
 
     def score(m, n):
         return (rotate(q, m) * rotate(k, n)).sum().item()
@@ -92,6 +92,30 @@ def test_scores_depend_only_on_relative_position():
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
     # A rotation keeps lengths.
     assert rotate(q, 17).norm().item() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_rotation_turns_each_adjacent_pair_by_its_angle():
+    """Pair i = channels (2i, 2i+1) turns by pos * base^(-2i/D): checked against the 2x2
+    rotation matrix written out, for every pair and a few positions."""
+    D, base = 8, 10000.0
+    rot = rope_rotations(D, 32)
+    x = torch.randn(2, 32, 3, D)  # (B, T, H, D)
+    out = apply_rope(x, rot[:, None])
+    for pos in (0, 1, 7, 31):
+        for i in range(D // 2):
+            angle = torch.tensor(pos * base ** (-2 * i / D), dtype=torch.float64)
+            c, s = angle.cos().float(), angle.sin().float()
+            a, b = x[:, pos, :, 2 * i], x[:, pos, :, 2 * i + 1]
+            torch.testing.assert_close(out[:, pos, :, 2 * i], a * c - b * s)
+            torch.testing.assert_close(out[:, pos, :, 2 * i + 1], a * s + b * c)
+
+
+def test_rope_keeps_bfloat16_inputs_bfloat16():
+    rot = rope_rotations(8, 4)
+    x = torch.randn(1, 4, 2, 8)
+    y = apply_rope(x.bfloat16(), rot[:, None])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), apply_rope(x, rot[:, None]), atol=0.05, rtol=0.02)
 
 
 def test_rope_trains():

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
+QK_NORMS = ("none", *NORMS)
 MLPS = ("gelu", "relu2", "swiglu")
 ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
 
@@ -56,13 +57,17 @@ class GPTConfig:
     pos_embedding: str = "learned"
     # Options from later small-transformer work; the defaults are the lecture's architecture.
     norm: str = "layernorm"  # "rmsnorm": rescale only (no mean subtraction, no bias)
-    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    # Normalise each head's queries and keys before attention: "none", "rmsnorm" or "layernorm".
+    # (True and False, the spelling of older configs, mean "rmsnorm" and "none".)
+    qk_norm: str = "none"
     mlp: str = "gelu"  # "relu2": relu(x)^2; "swiglu": gated, 8/3 x wide (same parameter count)
     tie_embeddings: bool = False  # share the token embedding table with the output head
     zero_init: bool = False  # start residual projections and the head at zero
     logit_softcap: float | None = None  # squash logits into (-cap, cap) with cap * tanh(x / cap)
 
     def __post_init__(self) -> None:
+        if isinstance(self.qk_norm, bool):
+            self.qk_norm = "rmsnorm" if self.qk_norm else "none"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -83,7 +88,7 @@ class GPTConfig:
                 f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, "
                 f"got {self.pos_embedding!r}"
             )
-        for name, allowed in (("norm", NORMS), ("mlp", MLPS)):
+        for name, allowed in (("norm", NORMS), ("qk_norm", QK_NORMS), ("mlp", MLPS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
@@ -103,10 +108,9 @@ class GPTConfig:
         return asdict(self)
 
 
-def rope_tables(
-    head_size: int, n_pos: int, base: float = ROPE_BASE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (n_pos, head_size // 2).
+def rope_rotations(head_size: int, n_pos: int, base: float = ROPE_BASE) -> torch.Tensor:
+    """The rotation of every channel pair at every position: unit complex numbers e^(i angle),
+    (n_pos, head_size // 2), complex64.
 
     Channel pair i of a head turns by ``pos * base ** (-2i / head_size)``: the first pairs spin
     fast (fine position), the last ones slowly (coarse position), like the sinusoids of the
@@ -114,26 +118,29 @@ def rope_tables(
     """
     inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
     angles = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)  # (n_pos, D/2)
-    return angles.cos().float(), angles.sin().float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (x[..., i], x[..., i + D/2]) of ``x`` (B, H, T, D) by their angles.
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate the channel pairs (x[..., 2i], x[..., 2i + 1]) of ``x`` (B, T, H, D) by ``rot``.
 
-    ``cos`` and ``sin`` are (1 or B, 1, T, D/2). Rotating both q (at position m) and k (at
-    position n) makes q.k depend on m - n only: the dot product of two rotated vectors depends
-    on the difference of their angles.
+    ``rot`` is (T, 1, D/2) or (B, T, 1, D/2) (see ``rope_rotations``). Read each pair as one
+    complex number: multiplying by e^(i angle) turns it by that angle, in a single operation.
+    Rotating both q (at position m) and k (at position n) makes q.k depend on m - n only: the
+    dot product of two rotated vectors depends on the difference of their angles.
     """
-    x1, x2 = x.chunk(2, dim=-1)  # each (B, H, T, D/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2) complex
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
-def make_norm(config: GPTConfig, width: int) -> nn.Module:
+def make_norm(kind: str, width: int, bias: bool) -> nn.Module:
     """LayerNorm (subtract the mean, divide by the std, then scale and shift) or RMSNorm (divide
-    by the root mean square, then scale): RMSNorm is cheaper and works as well in practice."""
-    if config.norm == "rmsnorm":
+    by the root mean square, then scale). RMSNorm does less arithmetic, but PyTorch's CPU
+    LayerNorm is one fused kernel each way while RMSNorm's backward is several: on a CPU,
+    LayerNorm is the faster of the two."""
+    if kind == "rmsnorm":
         return nn.RMSNorm(width)
-    return nn.LayerNorm(width, bias=config.bias)
+    return nn.LayerNorm(width, bias=bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -148,19 +155,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # QK-norm: queries and keys of unit RMS keep the attention logits in a sane range even
-        # at high learning rates.
+        # QK-norm: normalised queries and keys keep the attention logits in a sane range even at
+        # high learning rates.
         head_size = config.n_embd // config.n_head
-        self.q_norm = nn.RMSNorm(head_size) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(head_size) if config.qk_norm else None
+        qk = config.qk_norm != "none"
+        self.q_norm = make_norm(config.qk_norm, head_size, config.bias) if qk else None
+        self.k_norm = make_norm(config.qk_norm, head_size, config.bias) if qk else None
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
+        H = self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C)
         # Under bfloat16 autocast on a CPU, attention itself runs in float32: the CPU flash
         # kernel's bf16 backward is several times slower than its float32 one, and attention is
@@ -168,15 +177,13 @@ class CausalSelfAttention(nn.Module):
         upcast = qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"
         if upcast:
             qkv = qkv.float()
-        q, k, v = qkv.split(C, dim=2)  # each (B, T, C)
-        # (B, T, C) -> (B, H, T, D): every head attends independently.
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # (B, T, 3C) -> three (B, T, H, D): every head attends independently.
+        q, k, v = qkv.view(B, T, 3 * H, C // H).split(H, dim=2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         mask = None
         if cache is not None:
             # Store this step's keys and values; attend over everything cached so far, (B, H, L, D).
@@ -231,15 +238,15 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = make_norm(config, config.n_embd)
+        self.ln_1 = make_norm(config.norm, config.n_embd, config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = make_norm(config, config.n_embd)
+        self.ln_2 = make_norm(config.norm, config.n_embd, config.bias)
         self.mlp = MLP(config)
 
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache)  # residual connections keep gradients flowing
@@ -257,12 +264,11 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position -> vector
         else:
             # Rotation tables for every position; derived from the config, so not saved.
-            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            rot = rope_rotations(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_rot", rot, persistent=False)  # (block_size, D/2)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = make_norm(config, config.n_embd)
+        self.ln_f = make_norm(config.norm, config.n_embd, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         # GPT-2: scale the init of the layers that write into the residual stream by
@@ -323,12 +329,8 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)  # + (T, C) or (B, T, C)
         else:
-            # (T, D/2) -> (1, 1, T, D/2), or (B, T, D/2) -> (B, 1, T, D/2): broadcast over heads
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-            if pos.dim() == 1:
-                rope = (cos[None, None], sin[None, None])
-            else:
-                rope = (cos[:, None], sin[:, None])
+            # (T, D/2) -> (T, 1, D/2), or (B, T, D/2) -> (B, T, 1, D/2): broadcast over heads
+            rope = self.rope_rot[pos].unsqueeze(-2)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if cache is None else cache.layer(i))
