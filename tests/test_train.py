@@ -207,8 +207,17 @@ def test_batch_warmup_draws_the_scheduled_batches_and_counts_their_tokens(
         (s, sum(drawn[:s]) * 16) for s in (0, 5, 10, 15, 20)]
 
 
-@pytest.mark.parametrize("kw", [dict(batch_start=0), dict(batch_start=9), dict(batch_start=2.5),
+@pytest.mark.parametrize("kw", [dict(batch_start=0), dict(batch_start=2.5),
                                 dict(batch_start=2, batch_warmup_steps=-1)])
 def test_bad_batch_warmup(kw):
     with pytest.raises(ValueError, match="batch_start|batch_warmup_steps"):
         TrainConfig.resolve({"batch_size": 8, **kw})
+
+
+def test_a_smaller_batch_on_the_modern_preset_just_drops_the_warmup():
+    """modern starts at 16 sequences; --batch-size 8 with it is plain batch 8, not an error."""
+    from tinygpt.optim import batch_size_at
+
+    cfg = TrainConfig.resolve({"preset": "modern", "batch_size": 8})
+    assert cfg.batch_start == 16
+    assert {batch_size_at(s, 8, cfg.batch_start, cfg.batch_warmup_steps) for s in range(300)} == {8}

@@ -135,9 +135,9 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 def make_norm(kind: str, width: int, bias: bool) -> nn.Module:
     """LayerNorm (subtract the mean, divide by the std, then scale and shift) or RMSNorm (divide
-    by the root mean square, then scale). RMSNorm does less arithmetic, but PyTorch's CPU
-    LayerNorm is one fused kernel each way while RMSNorm's backward is several: on a CPU,
-    LayerNorm is the faster of the two."""
+    by the root mean square, then scale). RMSNorm does less arithmetic, but on a CPU PyTorch runs
+    LayerNorm as one fused kernel forward and one backward and RMSNorm as several element-wise
+    ones: there LayerNorm is the faster of the two."""
     if kind == "rmsnorm":
         return nn.RMSNorm(width)
     return nn.LayerNorm(width, bias=bias)
