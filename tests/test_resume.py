@@ -237,24 +237,32 @@ def test_resume_may_switch_compile_on_or_off(small_text, tmp_path, monkeypatch):
     assert compiled and state["step"] == 20 and state["train_config"]["compile"] is True
 
 
-def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(small_text, tmp_path):
-    """A run saved before dtype/compile/attn_dropout existed had their defaults: it resumes, and
-    giving the default value explicitly is not a change."""
+def _edit_state(folder, edit) -> None:
+    """Change a checkpoint's state.json with ``edit(state)`` and re-seal its manifest."""
     from tinygpt.files import sha256_file
 
-    run = tmp_path / "run"
-    train_in_process(small_text, run, max_steps=10)
-    folder = (run / "last").resolve()
     state = json.loads((folder / "state.json").read_text())
-    for key in ("dtype", "compile", "attn_dropout"):
-        del state["train_config"][key]
-    del state["model_config"]["attn_dropout"]
+    edit(state)
     (folder / "state.json").write_text(json.dumps(state))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["state.json"] = {"size": (folder / "state.json").stat().st_size,
                                        "sha256": sha256_file(folder / "state.json")}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     verify_checkpoint(folder)
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(small_text, tmp_path):
+    """A run saved before dtype/compile/attn_dropout existed had their defaults: it resumes, and
+    giving the default value explicitly is not a change."""
+    run = tmp_path / "run"
+    train_in_process(small_text, run, max_steps=10)
+
+    def drop(state):
+        for key in ("dtype", "compile", "attn_dropout"):
+            del state["train_config"][key]
+        del state["model_config"]["attn_dropout"]
+
+    _edit_state((run / "last").resolve(), drop)
     assert main_in_process("train", "--resume", run, "--max-steps", "20",
                            "--dtype", "float32") == 0
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 20
@@ -302,3 +310,23 @@ def test_format_2_rope_runs_load_and_resume_as_the_same_model(small_text, tmp_pa
     for name, tensor in resumed.model.state_dict().items():
         torch.testing.assert_close(tensor, loaded.state_dict()[name], atol=2e-5, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_older_qk_norm_spelling_resumes_and_initialises(small_text, tmp_path):
+    """Checkpoints written when QK-norm was a switch say qk_norm = true (RMSNorm): --resume and
+    --init-from (with or without the flag spelled today) read it as rmsnorm."""
+    run = tmp_path / "run"
+    train_in_process(small_text, run, max_steps=10, qk_norm="rmsnorm")
+
+    def old_spelling(state):
+        state["model_config"]["qk_norm"] = state["train_config"]["qk_norm"] = True
+
+    for _, folder in list_step_dirs(run):
+        _edit_state(folder, old_spelling)
+    for name, extra in (("a", []), ("b", ["--qk-norm", "rmsnorm"])):
+        out = tmp_path / name
+        assert main_in_process("train", "--init-from", run, "--data", small_text, "--out", out,
+                               "--max-steps", "2", "--sample-chars", "0", *extra) == 0
+        state = json.loads((out / "last" / "state.json").read_text())
+        assert state["model_config"]["qk_norm"] == "rmsnorm"
+    assert main_in_process("train", "--resume", run, "--max-steps", "20") == 0

@@ -84,6 +84,19 @@ INIT_SHAPE_KEYS = {
 _GPT_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # for checkpoints older than a field
 
 
+def saved_model_config(state: dict) -> dict:
+    """The model config a checkpoint's ``state.json`` describes, in today's spelling: fields added
+    since it was written take their defaults, older spellings (``qk_norm`` true/false) are read
+    as they were meant."""
+    mc = dict(state.get("model_config") or {})
+    if state.get("model") != "gpt":
+        return mc
+    try:
+        return make_config("gpt", {**_GPT_DEFAULTS, **mc}).to_dict()
+    except (TypeError, ValueError):
+        return mc  # an invalid description is reported where the weights are loaded
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` prefers CUDA, then Apple's MPS, then the CPU."""
     if name == "auto":
@@ -363,13 +376,16 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
     """
     source = Path(settings["init_from"])
     state = read_state(find_checkpoint(source, "best", warn))
-    kind, mc = state.get("model"), state.get("model_config", {})
+    kind, mc = state.get("model"), saved_model_config(state)
     if settings.get("model", kind) != kind:
         raise TinyGPTError(f"--model {settings['model']} does not match {source}, a {kind} model")
     out = {**settings, "model": kind}
     for key in INIT_SHAPE_KEYS.get(kind, ()):
         value = mc.get(key, _GPT_DEFAULTS[key])
-        if key in settings and settings[key] != value:
+        given = settings.get(key)
+        if key == "qk_norm" and isinstance(given, bool):  # the older spelling
+            given = "rmsnorm" if given else "none"
+        if key in settings and given != value:
             raise TinyGPTError(
                 f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
                 f"{value!r}; --init-from keeps the model's architecture"
@@ -400,7 +416,7 @@ def _init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: C
         raise TinyGPTError(
             f"--init-from {cfg.init_from} holds a {init.model_kind} model, not {cfg.model}"
         )
-    mc = init.state["model_config"]
+    mc = saved_model_config(init.state)
     for key in ("vocab_size", *INIT_SHAPE_KEYS.get(cfg.model, ())):
         if getattr(model_config, key) != mc.get(key, _GPT_DEFAULTS.get(key)):
             raise TinyGPTError(
@@ -508,9 +524,7 @@ def train(
     if resume is not None:
         # Filled in with today's defaults: a field added since the checkpoint was written
         # does not make it a different model.
-        saved_model = (resume.state["model"], make_config(
-            resume.state["model"], {**model_config.to_dict(), **resume.state["model_config"]}
-        ).to_dict())
+        saved_model = (resume.state["model"], saved_model_config(resume.state))
         if saved_model != (cfg.model, model_config.to_dict()):
             raise TinyGPTError(
                 f"the checkpoint {resume.path} holds a different model than its run's settings "
