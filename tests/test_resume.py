@@ -329,4 +329,18 @@ def test_older_qk_norm_spelling_resumes_and_initialises(small_text, tmp_path):
                                "--max-steps", "2", "--sample-chars", "0", *extra) == 0
         state = json.loads((out / "last" / "state.json").read_text())
         assert state["model_config"]["qk_norm"] == "rmsnorm"
-    assert main_in_process("train", "--resume", run, "--max-steps", "20") == 0
+    assert main_in_process("train", "--resume", run, "--max-steps", "20",
+                           "--qk-norm", "rmsnorm") == 0
+
+
+def test_killed_in_the_middle_of_a_batch_warmup_and_resumed_ends_bitwise_identical(
+        small_text, tmp_path):
+    """The batch size is a function of the step, so a run killed at step 13 of a 16-step warmup
+    (checkpoint at 10) continues with the same batches."""
+    warmup = dict(max_steps=20, batch_start=2, batch_warmup_steps=16)
+    train_in_process(small_text, tmp_path / "ref", **warmup)
+    args = ["train", *flags(tiny_settings(small_text, tmp_path / "run", **warmup))]
+    assert run_tinygpt(*args, fault="step@13").returncode == -signal.SIGKILL
+    assert main_in_process("train", "--resume", tmp_path / "run") == 0
+    assert weights_digest(tmp_path / "run") == weights_digest(tmp_path / "ref")
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")

@@ -522,6 +522,19 @@ def upgrade_rope_layout(state: dict) -> Callable[[str, torch.Tensor], torch.Tens
     return convert
 
 
+def upgrade_optimizer_state(state: dict, model: nn.Module, optimizer) -> None:
+    """Reorder, like the weights, the per-parameter optimizer state (momentum, Adam moments) that
+    ``optimizer`` just loaded from the checkpoint described by ``state``."""
+    convert = upgrade_rope_layout(state)
+    if convert is None:
+        return
+    for name, p in model.named_parameters():
+        for opt in optimizer.optimizers.values():
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    opt.state[p][key] = convert(name, value)
+
+
 def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
     try:
         config = make_config(state["model"], state["model_config"])
@@ -533,9 +546,9 @@ def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
     model = build_model(state["model"], config)
     weights = load_weights(folder / WEIGHTS)
     convert = upgrade_rope_layout(state)
-    if convert is not None:
-        weights = {name: convert(name, t) for name, t in weights.items()}
     try:
+        if convert is not None:
+            weights = {name: convert(name, t) for name, t in weights.items()}
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{WEIGHTS} does not fit the model: {_one_line(e)}") from None

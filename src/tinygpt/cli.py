@@ -81,14 +81,15 @@ def read_toml_settings(path: str) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise TinyGPTError(f"cannot read config file {path}: {e}") from None
     known = {f.name: f for f in fields(_train_config_cls())}
+    from tinygpt.models.gpt import older_spellings
+
     out = {}
-    for key, value in raw.items():
+    for key, value in older_spellings(raw).items():
         name = key.replace("-", "_")
         if name not in known:
             raise TinyGPTError(f"{path}: unknown setting {key!r}")
         t = _field_type(known[name])
         ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
-        ok = ok or (isinstance(value, bool) and known[name].metadata.get("older_bool", False))
         if t is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
-from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
+from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS, older_spellings
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "auto")
@@ -127,7 +127,7 @@ class TrainConfig:
     norm: str = _opt("layernorm", "layernorm, or rmsnorm", choices=NORMS)
     qk_norm: str = _opt(
         "none", "normalise each head's queries and keys: rmsnorm, layernorm, or none",
-        choices=QK_NORMS, older_bool=True,  # true/false in older configs: rmsnorm/none
+        choices=QK_NORMS,
     )
     mlp: str = _opt("gelu", "MLP activation: gelu, relu2 (squared ReLU) or swiglu", choices=MLPS)
     tie_embeddings: bool = _opt(False, "share the token embedding table with the output head")
@@ -180,8 +180,6 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self) -> None:
-        if isinstance(self.qk_norm, bool):  # the spelling of older configs and checkpoints
-            self.qk_norm = "rmsnorm" if self.qk_norm else "none"
         if self.model not in MODEL_KINDS:
             kinds = ", ".join(MODEL_KINDS)
             raise ValueError(f"unknown model {self.model!r}; choose one of {kinds}")
@@ -252,6 +250,7 @@ class TrainConfig:
     @classmethod
     def resolve(cls, settings: dict) -> TrainConfig:
         """Apply the preset named in ``settings`` (or the model's default) under ``settings``."""
+        settings = older_spellings(settings)
         unknown = set(settings) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")

@@ -49,7 +49,7 @@ from tinygpt.checkpoint import (
     save_run_checkpoint,
     step_dir_name,
     sweep_partials,
-    upgrade_rope_layout,
+    upgrade_optimizer_state,
     warn_stderr,
 )
 from tinygpt.config import TrainConfig
@@ -58,6 +58,7 @@ from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.evaluate import evaluate_tokens
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import GPTConfig, build_model, make_config
+from tinygpt.models.gpt import older_spellings
 from tinygpt.optim import (
     CombinedOptimizer,
     batch_size_at,
@@ -339,7 +340,7 @@ def prepare_resume(
     ckpt = load_training_checkpoint(run_dir, warn)
     # A setting added since the checkpoint was written had its default value in that run.
     known = {f.name: f.default for f in fields(TrainConfig)}
-    saved = {**known, **ckpt.state["train_config"]}
+    saved = {**known, **older_spellings(ckpt.state["train_config"])}
     allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
     for key, value in given.items():
         if key in RESUME_MAY_CHANGE:
@@ -382,10 +383,7 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
     out = {**settings, "model": kind}
     for key in INIT_SHAPE_KEYS.get(kind, ()):
         value = mc.get(key, _GPT_DEFAULTS[key])
-        given = settings.get(key)
-        if key == "qk_norm" and isinstance(given, bool):  # the older spelling
-            given = "rmsnorm" if given else "none"
-        if key in settings and given != value:
+        if key in settings and settings[key] != value:
             raise TinyGPTError(
                 f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
                 f"{value!r}; --init-from keeps the model's architecture"
@@ -538,13 +536,7 @@ def train(
             optimizer.load_state_dict(resume.optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise TinyGPTError(f"the optimizer state in {resume.path} does not fit: {e}") from None
-        convert = upgrade_rope_layout(resume.state)  # the weights were converted on loading
-        if convert is not None:
-            for name, p in model.named_parameters():
-                for opt in optimizer.optimizers.values():
-                    for key, value in opt.state.get(p, {}).items():
-                        if torch.is_tensor(value) and value.shape == p.shape:
-                            opt.state[p][key] = convert(name, value)
+        upgrade_optimizer_state(resume.state, model, optimizer)  # the weights were on loading
 
     with _run_lock(run_dir):
         if resume is not None:
@@ -679,7 +671,11 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
         restore_rng(resume.rng_state, batch_gen)  # last: nothing may draw after this
     catcher = _SignalCatcher(handle_signals)
     try:
-        with catcher:
+        with catcher, warnings.catch_warnings():
+            # Inductor leaves the complex multiply of the rotary embeddings to PyTorch's own
+            # kernel and warns that this may be slow; measured, the compiled step is no slower.
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation "
+                                    "for complex operators")
             while True:
                 done = (max_steps is not None and step >= max_steps) or (
                     max_time is not None and elapsed >= max_time
@@ -755,12 +751,7 @@ def _train_loop(cfg, log, progress_bar, resume, init, handle_signals, run_dir, d
 def _compile_errors() -> Iterator[None]:
     """Turn a failure of torch.compile into a one-line error that says what to do."""
     try:
-        with warnings.catch_warnings():
-            # Inductor leaves the complex multiply of the rotary embeddings to PyTorch's own
-            # kernel and warns that this may be slow; measured, the compiled step is no slower.
-            warnings.filterwarnings("ignore", "Torchinductor does not support code generation "
-                                    "for complex operators")
-            yield
+        yield
     except Exception as e:
         from torch._dynamo.exc import TorchDynamoException  # compile failures derive from it
 

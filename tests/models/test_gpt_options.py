@@ -83,8 +83,12 @@ def test_options_change_the_parameters_as_documented():
 
 def test_qk_norm_reads_the_older_true_false_spelling():
     """Configs and checkpoints from before the layernorm choice said qk_norm = true/false."""
-    assert GPTConfig(vocab_size=5, qk_norm=True).qk_norm == "rmsnorm"
-    assert GPTConfig(vocab_size=5, qk_norm=False).qk_norm == "none"
+    from tinygpt.config import TrainConfig
+    from tinygpt.models import make_config
+
+    assert make_config("gpt", {"vocab_size": 5, "qk_norm": True}).qk_norm == "rmsnorm"
+    assert make_config("gpt", {"vocab_size": 5, "qk_norm": False}).qk_norm == "none"
+    assert TrainConfig.resolve({"qk_norm": True}).qk_norm == "rmsnorm"
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,14 @@ if TYPE_CHECKING:
 POS_EMBEDDINGS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 QK_NORMS = ("none", *NORMS)
+
+
+def older_spellings(settings: dict) -> dict:
+    """``settings`` (a config as a dict) with values written by older tinygpt versions read as
+    they were meant: ``qk_norm`` true/false (QK-norm was a switch, always RMSNorm)."""
+    if isinstance(settings.get("qk_norm"), bool):
+        return {**settings, "qk_norm": "rmsnorm" if settings["qk_norm"] else "none"}
+    return settings
 MLPS = ("gelu", "relu2", "swiglu")
 ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
 
@@ -58,7 +66,6 @@ class GPTConfig:
     # Options from later small-transformer work; the defaults are the lecture's architecture.
     norm: str = "layernorm"  # "rmsnorm": rescale only (no mean subtraction, no bias)
     # Normalise each head's queries and keys before attention: "none", "rmsnorm" or "layernorm".
-    # (True and False, the spelling of older configs, mean "rmsnorm" and "none".)
     qk_norm: str = "none"
     mlp: str = "gelu"  # "relu2": relu(x)^2; "swiglu": gated, 8/3 x wide (same parameter count)
     tie_embeddings: bool = False  # share the token embedding table with the output head
@@ -66,8 +73,6 @@ class GPTConfig:
     logit_softcap: float | None = None  # squash logits into (-cap, cap) with cap * tanh(x / cap)
 
     def __post_init__(self) -> None:
-        if isinstance(self.qk_norm, bool):
-            self.qk_norm = "rmsnorm" if self.qk_norm else "none"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
