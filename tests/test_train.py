@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from tinygpt.config import TrainConfig, parse_duration
-from tinygpt.train import autocast_dtype, native_bf16, train
+from tinygpt.device import autocast_dtype, native_bf16
+from tinygpt.train import train
 
 MODERN_ARCH = dict(pos_embedding="rope", norm="rmsnorm", qk_norm="rmsnorm", mlp="relu2", bias=False)
 

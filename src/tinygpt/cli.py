@@ -201,9 +201,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.device import pick_device
     from tinygpt.engine import TextStream, stream
     from tinygpt.generate import SamplingConfig
-    from tinygpt.train import pick_device
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     if args.num_chars < 0:
@@ -282,8 +282,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load_checkpoint
     from tinygpt.data import load_corpus
+    from tinygpt.device import pick_device
     from tinygpt.evaluate import evaluate_tokens
-    from tinygpt.train import pick_device
 
     if args.batch_size < 1:
         raise TinyGPTError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -9,6 +9,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from tinygpt.device import DEVICE_HELP, DEVICE_PATTERN
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
 from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS, older_spellings
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
@@ -177,7 +178,7 @@ class TrainConfig:
     )
     sample_chars: int = _opt(400, "characters sampled at the end of training (0: none)")
     seed: int = _opt(1337, "random seed")
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    device: str = _opt("auto", DEVICE_HELP)
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
@@ -222,8 +223,8 @@ class TrainConfig:
             parse_duration(self.max_time)
         if self.max_steps is None and self.max_time is None:
             raise ValueError("give --max-steps or --max-time (or both)")
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
-            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise ValueError(f"unknown device {self.device!r}; use {DEVICE_HELP}")
         # Validate the model shape now, before any data is read.
         self.model_config(vocab_size=1)
 

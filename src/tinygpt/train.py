@@ -54,6 +54,7 @@ from tinygpt.checkpoint import (
 )
 from tinygpt.config import TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
+from tinygpt.device import autocast_dtype, mps_available, pick_device
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.evaluate import evaluate_tokens
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
@@ -96,43 +97,6 @@ def saved_model_config(state: dict) -> dict:
         return make_config("gpt", {**_GPT_DEFAULTS, **mc}).to_dict()
     except (TypeError, ValueError):
         return mc  # an invalid description is reported where the weights are loaded
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` prefers CUDA, then Apple's MPS, then the CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TinyGPTError(f"--device {name} asked for, but CUDA is not available here")
-    if name == "mps" and not _mps_available():
-        raise TinyGPTError("--device mps asked for, but MPS is not available here")
-    return torch.device(name)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware (so mixed precision pays)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, f, lambda: False)() for f in (
-            "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return False
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--dtype name`` on ``device``; None means plain float32."""
-    if name == "bfloat16" or (name == "auto" and native_bf16(device)):
-        return torch.bfloat16
-    return None
-
-
-def _mps_available() -> bool:
-    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
@@ -188,7 +152,7 @@ def capture_rng(batch_gen: torch.Generator) -> dict:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # else it was never drawn from
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    if _mps_available():
+    if mps_available():
         state["torch_mps"] = torch.mps.get_rng_state()
     return state
 
@@ -208,7 +172,7 @@ def restore_rng(state: dict, batch_gen: torch.Generator) -> None:
         if cuda is not None and n_cuda and len(cuda) == n_cuda:
             torch.cuda.set_rng_state_all(cuda)
         mps = state.get("torch_mps")
-        if mps is not None and _mps_available():
+        if mps is not None and mps_available():
             torch.mps.set_rng_state(mps)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise TinyGPTError(f"the checkpoint's random states cannot be restored: {e}") from None

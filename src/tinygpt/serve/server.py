@@ -81,7 +81,7 @@ def serve(
 ) -> None:
     import torch
 
-    from tinygpt.train import pick_device
+    from tinygpt.device import pick_device
 
     limits = limits or ServeLimits()
     if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):

@@ -1,0 +1,93 @@
+"""Which device to run on, and whether it multiplies bfloat16 natively.
+
+Every command (train, sample, eval, serve) reads ``--device`` through ``pick_device``, so a bad
+name gives the same one-line error everywhere. ``native_bf16`` is the one place that decides
+whether bfloat16 pays on a device: ``--dtype auto`` and Muon's Newton-Schulz iterations both ask
+it. On a CPU without AMX or AVX512-BF16 (most laptops: AVX2 only) a bf16 matrix product is
+emulated and runs tens of times slower than float32, so the answer there must be *no*.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import torch
+
+from tinygpt.errors import TinyGPTError
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+# Forces the answer of native_bf16 ("0" or "1"): for tests, and for measuring the float32 path
+# on a CPU that has bf16 hardware.
+NATIVE_BF16_ENV = "TINYGPT_NATIVE_BF16"
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device name tinygpt understands; else a one-line ``TinyGPTError``."""
+    if not DEVICE_PATTERN.fullmatch(str(name)):
+        raise TinyGPTError(f"unknown device {name!r}; use {DEVICE_HELP}")
+    return str(name)
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` prefers CUDA, then Apple's MPS, then the CPU; an explicit name must exist here."""
+    check_device_name(name)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TinyGPTError(f"--device {name} asked for, but CUDA is not available here")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise TinyGPTError(
+                f"--device {name} asked for, but this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s)"
+            )
+    if name == "mps" and not mps_available():
+        raise TinyGPTError("--device mps asked for, but MPS is not available here")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), by CPUID."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in (
+        "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware, so that bf16 pays.
+
+    - CPU: AMX or AVX512-BF16 (read from CPUID by PyTorch); AVX2-only CPUs emulate bf16.
+    - CUDA: compute capability 8.0 (Ampere) or newer; older cards emulate it.
+    - MPS: no (bf16 matrix products are not faster than float32 there).
+    ``$TINYGPT_NATIVE_BF16`` (0 or 1) overrides the answer for every device.
+    """
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index) >= (8, 0)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--dtype name`` on ``device``; None means plain float32."""
+    if name == "bfloat16" or (name == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None
