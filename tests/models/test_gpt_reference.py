@@ -1,0 +1,42 @@
+"""Checkpoints stay loadable: weights saved from earlier versions of ``GPT`` (in
+``fixtures/gpt_reference.safetensors``, see ``fixtures/make_gpt_reference.py``) load into today's
+model under the same names and give the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinygpt.models.gpt import GPT, GPTConfig
+
+FIXTURE = Path(__file__).parent / "fixtures" / "gpt_reference.safetensors"
+BASE = dict(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=8, dropout=0.0)
+VARIANTS = {
+    "lecture": {},
+    "no_bias": dict(bias=False),
+    "rope_qknorm": dict(pos_embedding="rope", qk_norm="rmsnorm"),
+    "rmsnorm_relu2": dict(norm="rmsnorm", mlp="relu2", qk_norm="layernorm"),
+    "swiglu_tied_softcap": dict(mlp="swiglu", tie_embeddings=True, logit_softcap=3.0),
+    "no_causal": dict(causal=False),
+}
+
+
+@pytest.fixture(scope="module")
+def saved() -> dict[str, torch.Tensor]:
+    return load_file(FIXTURE)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_saved_weights_load_by_name_and_give_the_saved_logits(saved, name):
+    torch.manual_seed(123)  # a different init: everything must come from the file
+    model = GPT(GPTConfig(**BASE, **VARIANTS[name])).eval()
+    prefix = f"{name}/"
+    weights = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix) and k != prefix + "logits"}
+    assert set(model.state_dict()) == set(weights)  # the same parameter names, no more, no fewer
+    model.load_state_dict(weights, strict=True)
+    with torch.no_grad():
+        logits = model(saved["probe"])[0]
+    torch.testing.assert_close(logits, saved[prefix + "logits"], atol=1e-5, rtol=1e-5)
