@@ -34,7 +34,9 @@ def test_saved_weights_load_by_name_and_give_the_saved_logits(saved, name):
     torch.manual_seed(123)  # a different init: everything must come from the file
     model = GPT(GPTConfig(**BASE, **VARIANTS[name])).eval()
     prefix = f"{name}/"
-    weights = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix) and k != prefix + "logits"}
+    weights = {
+        k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix) and k != prefix + "logits"
+    }
     assert set(model.state_dict()) == set(weights)  # the same parameter names, no more, no fewer
     model.load_state_dict(weights, strict=True)
     with torch.no_grad():
