@@ -1,0 +1,246 @@
+"""Pictures: loss curves, attention maps, the ladder and the bigram table, as PNG files.
+
+matplotlib is imported only when a picture is drawn, and only its Agg (file) backend is used: a
+``Figure`` is built and saved directly, without ``pyplot``, so nothing ever opens a window and no
+display is needed. Every file is written atomically (a crash never leaves half a PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tinygpt.errors import TinyGPTError
+from tinygpt.files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+DPI = 100
+
+
+def _figure(width: float, height: float) -> Figure:
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError:
+        raise TinyGPTError("pictures need matplotlib: pip install matplotlib") from None
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    out = Path(out)
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png")
+
+    atomic_write(out, write)
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The evaluation records of a run (``RUN/metrics.jsonl``), oldest first.
+
+    A damaged line (say, cut short by a crash) is skipped rather than fatal.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TinyGPTError(f"{run_dir} has no metrics.jsonl; is it a training run directory?") from None
+    except OSError as e:
+        raise TinyGPTError(f"cannot read {path}: {e}") from None
+    records = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append(rec)
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pairs], [float(p[1]) for p in pairs]
+
+
+def _tokens_axis(ax, records: list[dict]) -> None:
+    """A second x axis on top: tokens seen, read off the records (not linear with a batch warmup)."""
+    import numpy as np
+
+    steps, tokens = _series(records, "tokens")
+    if len(steps) < 2 or steps != sorted(steps) or tokens != sorted(tokens):
+        return
+    s, t = np.asarray(steps, float), np.asarray(tokens, float)
+    top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, s, t), lambda y: np.interp(y, t, s)))
+    top.set_xlabel("tokens seen")
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw ``RUN/loss.png``: train and val loss against step, tokens seen on the top axis.
+
+    Reads ``RUN/metrics.jsonl``; returns the path written (``out`` if given).
+    """
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    fig = _figure(7, 4.2)
+    ax = fig.add_subplot()
+    for key, label, style in (("train_loss", "train", "-"), ("val_loss", "val", "-o")):
+        steps, losses = _series(records, key)
+        if steps:
+            ax.plot(steps, losses, style, label=label, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per character)")
+    ax.set_title(f"{run_dir.resolve().name}: loss")
+    ax.grid(alpha=0.3)
+    if records:
+        ax.legend()
+        _tokens_axis(ax, records)
+    else:
+        ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
+    return _save(fig, out or run_dir / "loss.png")
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
+    """Overlay the val (solid) and train (dashed) loss of several runs; labels are the folder names."""
+    if not run_dirs:
+        raise TinyGPTError("give at least one run directory")
+    labels = list(labels) if labels else [Path(d).resolve().name for d in run_dirs]
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels, strict=True)):
+        records = read_metrics(Path(run_dir))
+        color = f"C{i % 10}"
+        steps, val = _series(records, "val_loss")
+        ax.plot(steps, val, "-", color=color, label=f"{label} (val)")
+        steps, train = _series(records, "train_loss")
+        ax.plot(steps, train, "--", color=color, alpha=0.6, label=f"{label} (train)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per character)")
+    ax.set_title("loss: val solid, train dashed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, out)
+
+
+def _char_label(c: str) -> str:
+    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(c, c)
+
+
+def plot_attention(maps: torch.Tensor, chars: Sequence[str], out: Path, title: str = "") -> Path:
+    """A grid of layers (rows) x heads (columns); each cell the (T, T) attention weights with the
+    prompt's characters on both axes (rows: the position that looks; columns: where it looks)."""
+    n_layer, n_head, T, _ = maps.shape
+    if len(chars) != T:
+        raise ValueError(f"{len(chars)} characters for maps over {T} positions")
+    cell = max(1.6, min(3.2, 0.16 * T + 0.6))
+    fig = _figure(cell * n_head + 0.8, cell * n_layer + 0.5)
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    labels = [_char_label(c) for c in chars]
+    image = None
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = ax.imshow(maps[layer, head].float().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
+            show = T <= 40
+            ax.set_xticks(range(T) if show else [], labels if show else [], fontsize=7)
+            ax.set_yticks(range(T) if show else [], labels if show else [], fontsize=7)
+            if layer == n_layer - 1:
+                ax.set_xlabel("attends to", fontsize=8)
+            if head == 0:
+                ax.set_ylabel("position", fontsize=8)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="weight")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, out)
+
+
+def plot_ladder(rungs: Sequence[dict], out: Path) -> Path:
+    """Left: val loss per rung, with the lecture's value; right: every rung's val-loss curve."""
+    fig = _figure(12, 4.8)
+    left, right = fig.subplots(1, 2, width_ratios=[1, 1.2])
+    names = [r["name"] for r in rungs]
+    xs = range(len(rungs))
+    left.bar(xs, [r["val_loss"] for r in rungs], color="C0", label="this run")
+    lecture = [(i, r["lecture_val_loss"]) for i, r in enumerate(rungs) if r.get("lecture_val_loss")]
+    if lecture:
+        left.plot(*zip(*lecture), "D", color="C3", label="the lecture")
+    for i, r in enumerate(rungs):
+        left.text(i, r["val_loss"] + 0.02, f"{r['val_loss']:.2f}", ha="center", fontsize=8)
+    left.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    left.set_ylabel("whole-split val loss (nats per character)")
+    left.set_ylim(0, max(r["val_loss"] for r in rungs) * 1.15)
+    left.set_title("val loss per rung")
+    left.legend(fontsize="small")
+    left.grid(axis="y", alpha=0.3)
+    for i, r in enumerate(rungs):
+        curve = r.get("curve") or []
+        if curve:
+            right.plot([c[0] for c in curve], [c[1] for c in curve], color=f"C{i % 10}", label=r["name"])
+    right.set_xlabel("step")
+    right.set_ylabel("val loss (estimate)")
+    right.set_title("curves while training")
+    right.grid(alpha=0.3)
+    right.legend(fontsize="small")
+    return _save(fig, out)
+
+
+def plot_bigram(
+    learned: torch.Tensor, counted: torch.Tensor, chars: Sequence[str], out: Path,
+    learned_loss: float | None = None, optimum_loss: float | None = None,
+) -> Path:
+    """The bigram model's next-character probabilities (V, V) next to those counted from the text.
+
+    Rows: the current character; columns: the next one. The colour scale is logarithmic so that
+    rare pairs are visible too.
+    """
+    from matplotlib.colors import LogNorm
+
+    V = len(chars)
+    side = max(4.5, min(8.0, 0.1 * V + 2))
+    fig = _figure(2 * side + 1, side + 0.6)
+    axes = fig.subplots(1, 2)
+    labels = [_char_label(c) for c in chars]
+    norm = LogNorm(vmin=1e-4, vmax=1.0)
+    image = None
+    titles = (
+        f"learned by the model{'' if learned_loss is None else f' (loss {learned_loss:.3f})'}",
+        f"counted from the text{'' if optimum_loss is None else f' (loss {optimum_loss:.3f})'}",
+    )
+    for ax, table, title in zip(axes, (learned, counted), titles, strict=True):
+        image = ax.imshow(table.float().clamp_min(1e-4).numpy(), cmap="magma", norm=norm)
+        ax.set_title(title, fontsize=10)
+        step = 1 if V <= 70 else math.ceil(V / 70)
+        ticks = list(range(0, V, step))
+        ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=5)
+        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=5)
+        ax.set_xlabel("next character")
+        ax.set_ylabel("current character")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="P(next | current)")
+    fig.suptitle("bigram: P(next character | current character)")
+    return _save(fig, out)
+
+
+def plot_bars(
+    groups: Sequence[str], series: dict[str, Sequence[float]], out: Path, title: str, ylabel: str
+) -> Path:
+    """Grouped bars: one group per entry of ``groups``, one bar per series."""
+    fig = _figure(7, 4.2)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, values, width, label=name, color=f"C{i}")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, out)
