@@ -16,7 +16,6 @@ from tinygpt.checkpoint import (
     MANIFEST,
     CheckpointError,
     list_step_dirs,
-    load_checkpoint,
     load_training_checkpoint,
     save_checkpoint,
     sha256_file,
@@ -279,17 +278,21 @@ def test_sample_and_eval_read_the_new_layout(small_text, tmp_path, capsys):
     assert main_in_process("sample", run, "--num-chars", 5, "--seed", 3) == 0
 
 
-def test_a_format_1_checkpoint_can_be_sampled_but_not_resumed(small_text, tmp_path, capsys):
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_pre_release_checkpoint_is_refused_in_one_line(small_text, tmp_path, capsys, version):
+    """Formats 1 (no manifest) and 2 (another rotary pairing) are not read: sample, eval and
+    resume all say which format it is and what to do, with exit status 2."""
     new = tmp_path / "new"
     train_in_process(small_text, new, max_steps=10)
     old = tmp_path / "old"
     (old / "last").mkdir(parents=True)
     (old / "last" / "model.safetensors").write_bytes((new / "last/model.safetensors").read_bytes())
     state = json.loads((new / "last" / "state.json").read_text())
-    (old / "last" / "state.json").write_text(json.dumps({**state, "format_version": 1}))
-    assert load_checkpoint(old).state["step"] == 10
-    assert main_in_process("train", "--resume", old) == 2
-    assert "checkpoint format 1" in one_error_line(capsys)
+    (old / "last" / "state.json").write_text(json.dumps({**state, "format_version": version}))
+    for command in (["sample", old, "--seed", 1], ["eval", old], ["train", "--resume", old]):
+        assert main_in_process(*command) == 2
+        line = one_error_line(capsys)
+        assert f"checkpoint format {version}" in line and "retrain" in line
 
 
 def test_only_one_process_trains_in_a_run_directory(small_text, tmp_path, capsys):

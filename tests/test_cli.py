@@ -4,8 +4,6 @@ import json
 
 import pytest
 
-from tinygpt.errors import TinyGPTError
-
 TINY = [
     "--n-layer",
     "1",
@@ -101,18 +99,6 @@ def test_toml_config_is_read_and_flags_win(small_text, tmp_path, cli):
 def test_help_shows_defaults(cli):
     out = cli("train", "--help", check=True).stdout
     assert "default: 0.001" in out and "lecture=0.0003" in out
-
-
-def test_toml_reads_the_older_qk_norm_spelling(tmp_path):
-    from tinygpt.cli import read_toml_settings
-    from tinygpt.config import TrainConfig
-
-    conf = tmp_path / "old.toml"
-    conf.write_text("qk_norm = true\nnorm = 'rmsnorm'\n")
-    assert TrainConfig.resolve(read_toml_settings(str(conf))).qk_norm == "rmsnorm"
-    conf.write_text("qk_norm = 3\n")
-    with pytest.raises(TinyGPTError, match="qk_norm must be a str"):
-        read_toml_settings(str(conf))
 
 
 def _bad_cases(tmp):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,15 +67,54 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path, monkeypatch):
     assert "\ufffd" in corpus.tokenizer.chars
 
 
-def test_directory_of_txt_files_is_read_in_order(tmp_path):
+def test_a_folder_of_any_text_is_read_in_sorted_order_and_binary_files_are_skipped(tmp_path):
+    """Lyrics as .md, a file with no extension, a nested .txt: all text, read in sorted order.
+    A binary file (NUL bytes) and one of invalid UTF-8 are skipped and counted; hidden files are
+    not part of the corpus."""
     d = tmp_path / "texts"
     (d / "sub").mkdir(parents=True)
-    (d / "b.txt").write_text("second", encoding="utf-8")
-    (d / "a.txt").write_text("first\n", encoding="utf-8")
+    (d / "b.md").write_text("second", encoding="utf-8")
+    (d / "a").write_text("first\n", encoding="utf-8")
     (d / "sub" / "c.txt").write_text("third", encoding="utf-8")
-    (d / "ignored.md").write_text("not text", encoding="utf-8")
+    (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (d / ".hidden").write_text("secret", encoding="utf-8")
     corpus = load_corpus(d)
     assert corpus.tokenizer.decode(corpus.tokens.tolist()) == "first\nsecond\nthird"
+    assert sorted(Path(p).name for p in corpus.skipped) == ["image.png", "latin1.txt"]
+    assert "2 binary file(s) skipped" in corpus.describe_sources()
+    assert corpus.describe_sources().startswith("3 files")
+
+
+def test_glob_picks_files_and_an_undecodable_match_is_an_error(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    (d / "one.md").write_text("alpha ", encoding="utf-8")
+    (d / "two.log").write_text("beta", encoding="utf-8")
+    (d / "bad.md").write_bytes(b"ok \xff")
+    with pytest.raises(TinyGPTError, match=r"bad.md: invalid UTF-8 at byte offset 3"):
+        load_corpus(d, glob="*.md")
+    corpus = load_corpus(d, glob="*.log")
+    assert corpus.tokenizer.decode(corpus.tokens.tolist()) == "beta"
+    with pytest.raises(TinyGPTError, match="no file in .* matches --glob"):
+        resolve_sources(d, glob="*.csv")
+    with pytest.raises(TinyGPTError, match="--glob picks files in a directory"):
+        resolve_sources(d / "one.md", glob="*.md")
+
+
+def test_the_fingerprint_covers_the_file_names_of_a_folder(tmp_path):
+    """Two folders with the same texts under other names are different corpora; one file moved
+    to a new place is the same text."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, names in ((a, ("x", "y")), (b, ("y", "z"))):
+        d.mkdir()
+        (d / names[0]).write_text("same ", encoding="utf-8")
+        (d / names[1]).write_text("text", encoding="utf-8")
+    assert load_corpus(a).fingerprint != load_corpus(b).fingerprint
+    (tmp_path / "moved.txt").write_text("same text", encoding="utf-8")
+    (tmp_path / "other.txt").write_text("same text", encoding="utf-8")
+    assert load_corpus(tmp_path / "moved.txt").fingerprint == load_corpus(
+        tmp_path / "other.txt").fingerprint
 
 
 def test_bad_sources_give_clear_errors(tmp_path):
@@ -83,7 +123,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(TinyGPTError, match="built-in dataset"):
         resolve_sources("shakespear")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TinyGPTError, match="contains no .txt files"):
+    with pytest.raises(TinyGPTError, match="contains no UTF-8 text files"):
         resolve_sources(tmp_path / "empty")
     empty = tmp_path / "empty.txt"
     empty.write_text("")

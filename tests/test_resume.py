@@ -226,7 +226,6 @@ def test_bfloat16_run_killed_and_resumed_ends_bitwise_identical(small_text, tmp_
 def test_resume_may_switch_compile_on_or_off(small_text, tmp_path, monkeypatch):
     """--compile is a speed setting like --device: a resumed run may change it (torch.compile
     is replaced by a recording identity here, the real one is tested in test_train)."""
-    import torch
 
     run = tmp_path / "run"
     train_in_process(small_text, run, max_steps=10)
@@ -266,71 +265,6 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(small_text, 
     assert main_in_process("train", "--resume", run, "--max-steps", "20",
                            "--dtype", "float32") == 0
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 20
-
-
-def _halves_rope(x, rot):
-    """Rotary embeddings as checkpoint format 2 computed them: channel i of a head paired with
-    channel i + D/2 (the same angles, another pairing)."""
-    cos, sin = rot.real, rot.imag
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-def test_format_2_rope_runs_load_and_resume_as_the_same_model(small_text, tmp_path, monkeypatch):
-    """A run saved in format 2 (the other rotary pairing) gives the same logits after loading,
-    and resuming it matches the run that went on under format 2: weights, QK-norm gains, biases
-    and the optimizer's momentum and Adam moments are all reordered the same way. Not reordering
-    any one of them (say the Muon momentum) moves the weights by about one learning rate."""
-    import tinygpt.checkpoint as ckpt_mod
-    import tinygpt.models.gpt as gpt_mod
-    from tinygpt.checkpoint import load_checkpoint
-
-    modern = dict(pos_embedding="rope", qk_norm="rmsnorm", optimizer="muon", eval_interval=5,
-                  dropout=0.0, seed=7)
-    with monkeypatch.context() as old:  # the format-2 code
-        old.setattr(gpt_mod, "apply_rope", _halves_rope)
-        old.setattr(ckpt_mod, "FORMAT_VERSION", 2)
-        ref = train_in_process(small_text, tmp_path / "ref", max_steps=10, **modern)
-        train_in_process(small_text, tmp_path / "run", max_steps=5, **modern)
-        gen = torch.Generator().manual_seed(0)
-        probe = torch.randint(0, ref.tokenizer.vocab_size, (2, 16), generator=gen)
-        ref.model.eval()
-        with torch.no_grad():
-            ref_logits = ref.model(probe)[0]
-    state = json.loads((tmp_path / "ref" / "last" / "state.json").read_text())
-    assert state["format_version"] == 2 and state["model_config"]["qk_norm"] == "rmsnorm"
-
-    loaded = load_checkpoint(tmp_path / "ref", "last").model
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(probe)[0], ref_logits, atol=1e-5, rtol=1e-5)
-
-    assert main_in_process("train", "--resume", tmp_path / "run", "--max-steps", "10") == 0
-    resumed = load_checkpoint(tmp_path / "run", "last")
-    assert resumed.state["format_version"] == 3
-    for name, tensor in resumed.model.state_dict().items():
-        torch.testing.assert_close(tensor, loaded.state_dict()[name], atol=2e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_older_qk_norm_spelling_resumes_and_initialises(small_text, tmp_path):
-    """Checkpoints written when QK-norm was a switch say qk_norm = true (RMSNorm): --resume and
-    --init-from (with or without the flag spelled today) read it as rmsnorm."""
-    run = tmp_path / "run"
-    train_in_process(small_text, run, max_steps=10, qk_norm="rmsnorm")
-
-    def old_spelling(state):
-        state["model_config"]["qk_norm"] = state["train_config"]["qk_norm"] = True
-
-    for _, folder in list_step_dirs(run):
-        _edit_state(folder, old_spelling)
-    for name, extra in (("a", []), ("b", ["--qk-norm", "rmsnorm"])):
-        out = tmp_path / name
-        assert main_in_process("train", "--init-from", run, "--data", small_text, "--out", out,
-                               "--max-steps", "2", "--sample-chars", "0", *extra) == 0
-        state = json.loads((out / "last" / "state.json").read_text())
-        assert state["model_config"]["qk_norm"] == "rmsnorm"
-    assert main_in_process("train", "--resume", run, "--max-steps", "20",
-                           "--qk-norm", "rmsnorm") == 0
 
 
 def test_killed_in_the_middle_of_a_batch_warmup_and_resumed_ends_bitwise_identical(

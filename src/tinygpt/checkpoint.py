@@ -60,10 +60,7 @@ from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import CharTokenizer
 
 FORMAT_VERSION = 3
-# Format 1: real last/ and best/ folders, no manifest (sampling only). Format 2: rotary embeddings
-# paired channel i with i + D/2 of each head; loading converts it (see ``upgrade_rope_layout``).
-READABLE_VERSIONS = (1, 2, 3)
-MANIFEST_VERSIONS = (2, 3)
+# Formats 1 and 2 came from pre-release versions (no manifest; another rotary channel pairing).
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
@@ -333,38 +330,45 @@ def read_state(ckpt_dir: Path) -> dict:
         state = _read_json(path)
     except CheckpointError as e:
         raise TinyGPTError(f"cannot read {path}: {e}") from None
-    version = state.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise TinyGPTError(
-            f"{path} has checkpoint format version {version!r}; this tinygpt reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))} (upgrade tinygpt or retrain)"
-        )
+    check_format(path, state.get("format_version"))
     return state
+
+
+def check_format(path: Path, version) -> None:
+    """Refuse, in one line, a checkpoint that this tinygpt does not read."""
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version < FORMAT_VERSION:
+        raise TinyGPTError(
+            f"{path} was made by an older, pre-release tinygpt (checkpoint format {version}); "
+            f"this one reads format {FORMAT_VERSION}: retrain the model with this version"
+        )
+    raise TinyGPTError(
+        f"{path} has checkpoint format version {version!r}; this tinygpt reads version "
+        f"{FORMAT_VERSION} (upgrade tinygpt or retrain)"
+    )
 
 
 def verify_checkpoint(ckpt_dir: Path) -> dict:
     """Check the manifest (sizes and sha256 of every file) and return the parsed ``state.json``.
 
-    Raises ``CheckpointError`` saying what is wrong. A format-1 folder (no manifest) is accepted
-    as it is; it can be sampled from but not resumed.
+    Raises ``CheckpointError`` saying what is wrong, ``TinyGPTError`` for a checkpoint of another
+    format version.
     """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError("no such checkpoint folder")
     manifest_path = ckpt_dir / MANIFEST
     if not manifest_path.exists():
-        state = _read_json(ckpt_dir / STATE)
-        if state.get("format_version") == 1:
-            return state
+        if (ckpt_dir / STATE).is_file():  # pre-release folders had no manifest
+            check_format(ckpt_dir / STATE, _read_json(ckpt_dir / STATE).get("format_version"))
         raise CheckpointError(f"{MANIFEST} is missing (the save never completed)")
     manifest = _read_json(manifest_path)
     files = manifest.get("files")
     version = manifest.get("format_version")
-    if version not in MANIFEST_VERSIONS or not isinstance(files, dict):
-        raise CheckpointError(
-            f"{MANIFEST} has format version {version!r}; this tinygpt reads versions "
-            f"{', '.join(map(str, MANIFEST_VERSIONS))}"
-        )
+    check_format(manifest_path, version)
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{MANIFEST} lists no files")
     if STATE not in files or WEIGHTS not in files:
         raise CheckpointError(f"{MANIFEST} does not list {STATE} and {WEIGHTS}")
     for name, meta in files.items():
@@ -489,52 +493,6 @@ def find_checkpoint(run_dir: Path, which: str = "best", warn: Warn | None = None
     return _first_usable(run_dir, _candidates(run_dir, which), check, warn)
 
 
-def upgrade_rope_layout(state: dict) -> Callable[[str, torch.Tensor], torch.Tensor] | None:
-    """How to bring a format-2 checkpoint's tensors to today's rotary layout, or None.
-
-    Format 2 rotated the channel pairs (i, i + D/2) of each head; today adjacent channels
-    (2i, 2i + 1) form a pair. Moving channel i to 2i and i + D/2 to 2i + 1 in every query and key
-    head (the rows of ``c_attn`` that make q and k, and the QK-norm gains) gives the same model:
-    q.k is a sum over channels, so reordering the channels of both changes nothing. The returned
-    function maps (parameter name, tensor of that parameter's shape) to the reordered tensor; it
-    serves the weights and the optimizer's per-parameter state alike.
-    """
-    config = state.get("model_config") or {}
-    if (state.get("format_version", FORMAT_VERSION) >= 3 or state.get("model") != "gpt"
-            or config.get("pos_embedding") != "rope"):
-        return None
-    C, H = config["n_embd"], config["n_head"]
-    D = C // H
-
-    def interleave(rows: torch.Tensor) -> torch.Tensor:  # (n * D, ...) -> same, pairs adjacent
-        n = rows.shape[0] // D
-        return rows.reshape(n, 2, D // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
-
-    def convert(name: str, t: torch.Tensor) -> torch.Tensor:
-        if not name.startswith("blocks."):
-            return t
-        if name.endswith("attn.c_attn.weight") or name.endswith("attn.c_attn.bias"):
-            return torch.cat([interleave(t[: 2 * C]), t[2 * C :]])  # q and k rows; v stays
-        if ".attn.q_norm." in name or ".attn.k_norm." in name:
-            return interleave(t)
-        return t
-
-    return convert
-
-
-def upgrade_optimizer_state(state: dict, model: nn.Module, optimizer) -> None:
-    """Reorder, like the weights, the per-parameter optimizer state (momentum, Adam moments) that
-    ``optimizer`` just loaded from the checkpoint described by ``state``."""
-    convert = upgrade_rope_layout(state)
-    if convert is None:
-        return
-    for name, p in model.named_parameters():
-        for opt in optimizer.optimizers.values():
-            for key, value in opt.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    opt.state[p][key] = convert(name, value)
-
-
 def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
     try:
         config = make_config(state["model"], state["model_config"])
@@ -545,10 +503,7 @@ def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
         ) from None
     model = build_model(state["model"], config)
     weights = load_weights(folder / WEIGHTS)
-    convert = upgrade_rope_layout(state)
     try:
-        if convert is not None:
-            weights = {name: convert(name, t) for name, t in weights.items()}
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{WEIGHTS} does not fit the model: {_one_line(e)}") from None
@@ -592,18 +547,12 @@ def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> Trainin
         )
     candidates = [p for _, p in list_step_dirs(run_dir)]
     if not candidates:
-        if (run_dir / "last").is_dir() or _is_checkpoint_folder(run_dir):
-            raise TinyGPTError(
-                f"{run_dir} was written by an older tinygpt (checkpoint format 1, no training "
-                f"state) and cannot be resumed; start a new run from its weights with "
-                f"--init-from {run_dir}"
-            )
+        if (run_dir / "last").is_dir():
+            read_state(run_dir / "last")  # a pre-release run says so
         raise TinyGPTError(f"{run_dir} holds no checkpoint to resume")
 
     def load(folder: Path) -> TrainingCheckpoint:
         state = verify_checkpoint(folder)
-        if state.get("format_version") == 1:
-            raise CheckpointError("format 1 checkpoint without training state")
         for key in ("step", "model", "model_config", "tokenizer", "train_config", "data"):
             if key not in state:
                 raise CheckpointError(f"{STATE} lacks {key!r}")

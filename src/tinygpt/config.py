@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from tinygpt.device import DEVICE_HELP, DEVICE_PATTERN
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
-from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS, older_spellings
+from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "auto")
@@ -88,7 +88,14 @@ def _opt(default, help: str, **extra):
 @dataclass
 class TrainConfig:
     # what to train on and what to train
-    data: str = _opt("shakespeare", "text file, directory of .txt files, or 'shakespeare'")
+    data: str = _opt(
+        "shakespeare", "text file, directory (every UTF-8 text file under it; binary files are "
+        "skipped), or 'shakespeare'"
+    )
+    glob: str | None = _opt(
+        None, "with a directory as --data: read only the files matching this pattern, e.g. "
+        "'**/*.md' (then a file that is not UTF-8 is an error)", metavar="PATTERN",
+    )
     model: str = _opt("gpt", "model kind", choices=MODEL_KINDS)
     preset: str | None = _opt(
         None, "named set of defaults (gpt: cpu, bigram: bigram)", choices=tuple(PRESETS)
@@ -173,6 +180,10 @@ class TrainConfig:
     full_val: bool = _opt(
         False, "evaluate val loss over the whole val split (as tinygpt eval does), not on batches"
     )
+    save_every: str | None = _opt(
+        None, "also save a checkpoint when this much time has passed since the last one (e.g. "
+        "10m), so a run killed between evaluations loses little", metavar="DURATION",
+    )
     keep: int = _opt(
         1, "older step checkpoints to keep besides last and best", metavar="N"
     )
@@ -219,8 +230,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not _finite(v) or not 0 <= v < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
-        if self.max_time is not None:
-            parse_duration(self.max_time)
+        for name in ("max_time", "save_every"):
+            if getattr(self, name) is not None:
+                parse_duration(getattr(self, name))
         if self.max_steps is None and self.max_time is None:
             raise ValueError("give --max-steps or --max-time (or both)")
         if not DEVICE_PATTERN.fullmatch(str(self.device)):
@@ -231,6 +243,10 @@ class TrainConfig:
     @property
     def max_time_s(self) -> float | None:
         return None if self.max_time is None else parse_duration(self.max_time)
+
+    @property
+    def save_every_s(self) -> float | None:
+        return None if self.save_every is None else parse_duration(self.save_every)
 
     @property
     def run_dir(self) -> str:
@@ -251,7 +267,6 @@ class TrainConfig:
     @classmethod
     def resolve(cls, settings: dict) -> TrainConfig:
         """Apply the preset named in ``settings`` (or the model's default) under ``settings``."""
-        settings = older_spellings(settings)
         unknown = set(settings) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")

@@ -1,6 +1,7 @@
 """Text corpora: reading, tokenising once into a cached binary file, and drawing batches.
 
-A corpus is one UTF-8 file, a directory of ``.txt`` files, or the built-in ``shakespeare``.
+A corpus is one UTF-8 file, a directory of text files (every file in it that is UTF-8 text, or
+those a glob picks), or the built-in ``shakespeare``.
 Reading streams the bytes in chunks, so memory does not grow with the size of the text; the token
 ids are written to ``tokens.bin`` (uint16 when the vocabulary fits, else uint32) next to a JSON
 manifest that says what they were made from. Batches are read from that file through
@@ -35,7 +36,7 @@ SHAKESPEARE_CHARS = 1_115_394
 BUILTIN_DATASETS = ("shakespeare",)
 
 CHUNK_BYTES = 1 << 20  # read 1 MiB at a time
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the fingerprint of a directory covers its file names
 TRAIN_FRACTION = 0.9  # the lecture's contiguous 90/10 split
 
 
@@ -78,23 +79,83 @@ def ensure_shakespeare(url: str | None = None) -> Path:
     return path
 
 
-def resolve_sources(spec: str | os.PathLike) -> list[Path]:
-    """Turn ``--data`` into a list of files: a built-in name, a file, or a directory of .txt."""
+@dataclass(frozen=True)
+class Sources:
+    """The files a ``--data`` spec names, in reading order, and those skipped as not text."""
+
+    files: list[Path]
+    skipped: list[Path]
+    root: Path | None = None  # the directory, when the spec named one
+
+    def names(self) -> list[str]:
+        """The file list as the fingerprint sees it: paths relative to the directory."""
+        if self.root is None:
+            return []
+        return [p.relative_to(self.root).as_posix() for p in self.files]
+
+
+def is_text_file(path: Path) -> bool:
+    """Whether ``path`` decodes as UTF-8 text without NUL bytes (binary files have them)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                if b"\0" in block:
+                    return False
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except (UnicodeDecodeError, OSError):
+        return False
+    return True
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """Hidden files and folders (``.git``, ``.DS_Store``) are not part of a corpus."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def resolve_sources(spec: str | os.PathLike, glob: str | None = None) -> Sources:
+    """Turn ``--data`` into files: a built-in name, a file, or a directory.
+
+    A directory contributes every regular, non-hidden file under it that is UTF-8 text, in sorted
+    order; binary files (NUL bytes, invalid UTF-8) are skipped and listed in ``skipped``. With
+    ``glob`` only the files matching the pattern are read, and one that is not valid UTF-8 is an
+    error naming the file and the byte offset.
+    """
     if str(spec) in BUILTIN_DATASETS and not Path(spec).exists():
-        return [ensure_shakespeare()]
+        if glob is not None:
+            raise TinyGPTError(f"--glob picks files in a directory; --data {spec} is a built-in")
+        return Sources([ensure_shakespeare()], [])
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise TinyGPTError(f"directory {path} contains no .txt files")
-        return files
+        return _directory_sources(path, glob)
+    if glob is not None and path.exists():
+        raise TinyGPTError(f"--glob picks files in a directory, and {path} is a file")
     if path.is_file():
-        return [path]
+        return Sources([path], [])
     if not path.exists() and os.sep not in str(spec) and "." not in str(spec):
         raise TinyGPTError(
             f"no such file or built-in dataset: {spec!r} (built-in: {', '.join(BUILTIN_DATASETS)})"
         )
     raise TinyGPTError(f"no such file or directory: {path}")
+
+
+def _directory_sources(path: Path, glob: str | None) -> Sources:
+    try:
+        candidates = path.rglob("*") if glob is None else path.glob(glob)
+        found = sorted(p for p in candidates if p.is_file() and _visible(p, path))
+    except (ValueError, NotImplementedError) as e:
+        raise TinyGPTError(f"cannot use --glob {glob!r}: {e}") from None
+    if glob is not None:
+        if not found:
+            raise TinyGPTError(f"no file in {path} matches --glob {glob!r}")
+        return Sources(found, [], path)
+    files = [p for p in found if is_text_file(p)]
+    skipped = [p for p in found if p not in set(files)]
+    if not files:
+        what = f" ({len(skipped)} binary file(s) skipped)" if skipped else ""
+        raise TinyGPTError(f"directory {path} contains no UTF-8 text files{what}")
+    return Sources(files, skipped, path)
 
 
 def iter_text(path: Path, encoding_errors: str = "strict") -> Iterator[str]:
@@ -158,6 +219,17 @@ class Corpus:
     tokens: np.ndarray  # read-only memmap, uint16 or uint32
     tokenizer: CharTokenizer
     manifest: dict
+    skipped: tuple[str, ...] = ()  # files of a directory left out as binary
+
+    def describe_sources(self) -> str:
+        """One line about the files read (and skipped), for the training log."""
+        n = len(self.manifest["sources"])
+        line = f"{n} file{'s' if n != 1 else ''}"
+        if self.skipped:
+            shown = ", ".join(Path(p).name for p in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            line += f" ({len(self.skipped)} binary file(s) skipped: {shown}{more})"
+        return line
 
     @property
     def n_train(self) -> int:
@@ -165,7 +237,8 @@ class Corpus:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies the source text (sha256 over the files' hashes)."""
+        """Identifies the source text: sha256 over the files' hashes (and, for a directory, their
+        names relative to it)."""
         return self.manifest["fingerprint"]
 
     def split(self, name: str) -> np.ndarray:
@@ -203,17 +276,19 @@ def load_corpus(
     spec: str | os.PathLike,
     encoding_errors: str = "strict",
     tokenizer: CharTokenizer | None = None,
+    glob: str | None = None,
 ) -> Corpus:
     """Tokenise ``spec`` (or reuse the cached tokens while its files are unchanged).
 
     ``tokenizer`` fixes the vocabulary (e.g. a trained model's); by default it is built from the
-    corpus itself.
+    corpus itself. ``glob`` picks the files of a directory (see ``resolve_sources``).
     """
     if encoding_errors not in ("strict", "replace"):
         raise TinyGPTError(
             f"--encoding-errors must be 'strict' or 'replace', not {encoding_errors!r}"
         )
-    files = resolve_sources(spec)
+    sources = resolve_sources(spec, glob)
+    files = sources.files
     key_src = json.dumps(
         {
             "files": [str(p.resolve()) for p in files],
@@ -226,6 +301,7 @@ def load_corpus(
     manifest_path = cache_dir / "manifest.json"
     bin_path = cache_dir / "tokens.bin"
 
+    skipped = tuple(str(p) for p in sources.skipped)
     quick = _fingerprint(files, quick=True)
     manifest = _read_manifest(manifest_path)
     if manifest is not None and bin_path.is_file():
@@ -241,10 +317,10 @@ def load_corpus(
                     dict(q, sha256=s["sha256"]) for q, s in zip(quick, cached, strict=True)
                 ]
                 write_json(manifest_path, manifest)
-            return _open_corpus(bin_path, manifest)
+            return _open_corpus(bin_path, manifest, skipped)
 
-    manifest = _build_cache(files, encoding_errors, tokenizer, cache_dir)
-    return _open_corpus(bin_path, manifest)
+    manifest = _build_cache(sources, encoding_errors, tokenizer, cache_dir)
+    return _open_corpus(bin_path, manifest, skipped)
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -258,8 +334,9 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _build_cache(
-    files: list[Path], encoding_errors: str, tokenizer: CharTokenizer | None, cache_dir: Path
+    sources: Sources, encoding_errors: str, tokenizer: CharTokenizer | None, cache_dir: Path
 ) -> dict:
+    files = sources.files
     # Pass 1: validate the text, count characters, collect the vocabulary.
     chars: set[str] = set()
     n_chars = 0
@@ -281,15 +358,12 @@ def _build_cache(
 
     atomic_write(cache_dir / "tokens.bin", write_tokens)
 
-    sources = _fingerprint(files, quick=False)
-    fingerprint = hashlib.sha256(
-        json.dumps([s["sha256"] for s in sources]).encode()
-    ).hexdigest()
+    records = _fingerprint(files, quick=False)
     manifest = {
         "format": CACHE_FORMAT,
-        "sources": sources,
+        "sources": records,
         "encoding_errors": encoding_errors,
-        "fingerprint": fingerprint,
+        "fingerprint": text_fingerprint([r["sha256"] for r in records], sources.names()),
         "tokenizer": tokenizer.to_dict(),
         "dtype": np.dtype(dtype).name,
         "num_tokens": n_chars,
@@ -298,8 +372,15 @@ def _build_cache(
     return manifest
 
 
-def _open_corpus(bin_path: Path, manifest: dict) -> Corpus:
+def text_fingerprint(hashes: list[str], names: list[str]) -> str:
+    """The identity of a text: its files' hashes in order, and a directory's file names (a single
+    file may move or be renamed and stay the same text)."""
+    payload = hashes if not names else [[n, h] for n, h in zip(names, hashes, strict=True)]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def _open_corpus(bin_path: Path, manifest: dict, skipped: tuple[str, ...] = ()) -> Corpus:
     tokens = np.memmap(bin_path, dtype=np.dtype(manifest["dtype"]), mode="r")
     if len(tokens) != manifest["num_tokens"]:
         raise TinyGPTError(f"token cache {bin_path} is damaged; delete its folder and retry")
-    return Corpus(tokens, CharTokenizer.from_dict(manifest["tokenizer"]), manifest)
+    return Corpus(tokens, CharTokenizer.from_dict(manifest["tokenizer"]), manifest, skipped)

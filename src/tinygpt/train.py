@@ -49,7 +49,6 @@ from tinygpt.checkpoint import (
     save_run_checkpoint,
     step_dir_name,
     sweep_partials,
-    upgrade_optimizer_state,
     warn_stderr,
 )
 from tinygpt.config import TrainConfig
@@ -59,7 +58,6 @@ from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.evaluate import evaluate_tokens
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import GPTConfig, build_model, make_config
-from tinygpt.models.gpt import older_spellings
 from tinygpt.optim import (
     CombinedOptimizer,
     batch_size_at,
@@ -304,7 +302,7 @@ def prepare_resume(
     ckpt = load_training_checkpoint(run_dir, warn)
     # A setting added since the checkpoint was written had its default value in that run.
     known = {f.name: f.default for f in fields(TrainConfig)}
-    saved = {**known, **older_spellings(ckpt.state["train_config"])}
+    saved = {**known, **ckpt.state["train_config"]}
     allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
     for key, value in given.items():
         if key in RESUME_MAY_CHANGE:
@@ -500,7 +498,6 @@ def train(
             optimizer.load_state_dict(resume.optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise TinyGPTError(f"the optimizer state in {resume.path} does not fit: {e}") from None
-        upgrade_optimizer_state(resume.state, model, optimizer)  # the weights were on loading
 
     with _run_lock(run_dir):
         if resume is not None:

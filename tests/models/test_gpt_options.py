@@ -81,16 +81,6 @@ def test_options_change_the_parameters_as_documented():
     assert model_with("classic").blocks[0].attn.q_norm is None
 
 
-def test_qk_norm_reads_the_older_true_false_spelling():
-    """Configs and checkpoints from before the layernorm choice said qk_norm = true/false."""
-    from tinygpt.config import TrainConfig
-    from tinygpt.models import make_config
-
-    assert make_config("gpt", {"vocab_size": 5, "qk_norm": True}).qk_norm == "rmsnorm"
-    assert make_config("gpt", {"vocab_size": 5, "qk_norm": False}).qk_norm == "none"
-    assert TrainConfig.resolve({"qk_norm": True}).qk_norm == "rmsnorm"
-
-
 @pytest.mark.parametrize(
     "kw, match",
     [({"norm": "batchnorm"}, "norm must be one of"), ({"mlp": "tanh"}, "mlp must be one of"),

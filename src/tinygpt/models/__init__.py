@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from tinygpt.models.bigram import BigramConfig, BigramLM
-from tinygpt.models.gpt import GPT, GPTConfig, older_spellings
+from tinygpt.models.gpt import GPT, GPTConfig
 
 MODEL_KINDS = ("bigram", "gpt")
 
@@ -19,7 +19,7 @@ def make_config(kind: str, config: dict) -> BigramConfig | GPTConfig:
     if kind == "bigram":
         return BigramConfig(**config)
     if kind == "gpt":
-        return GPTConfig(**older_spellings(config))
+        return GPTConfig(**config)
     raise ValueError(f"unknown model {kind!r} (expected one of: {', '.join(MODEL_KINDS)})")
 
 

@@ -35,13 +35,7 @@ NORMS = ("layernorm", "rmsnorm")
 QK_NORMS = ("none", *NORMS)
 
 
-def older_spellings(settings: dict) -> dict:
-    """``settings`` (a config as a dict) with values written by older tinygpt versions read as
-    they were meant: ``qk_norm`` true/false (QK-norm was a switch, always RMSNorm)."""
-    if isinstance(settings.get("qk_norm"), bool):
-        return {**settings, "qk_norm": "rmsnorm" if settings["qk_norm"] else "none"}
-    return settings
-MLPS = ("gelu", "relu2", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")  # gelu_tanh: GPT-2's tanh approximation of GELU
 ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
 
 
@@ -231,6 +225,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)  # (B, T, hidden)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
