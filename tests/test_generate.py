@@ -1,6 +1,14 @@
+import os
+import pty
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+from tests.conftest import SRC, run_cli
 from tinygpt.generate import (
     SamplingConfig,
     filter_logits,
@@ -8,6 +16,7 @@ from tinygpt.generate import (
     make_generator,
     sample_next,
     slide_window,
+    visible_controls,
 )
 from tinygpt.models import GPT, GPTConfig
 
@@ -109,3 +118,135 @@ def test_top_p_sampling_never_leaves_the_nucleus():
 def test_bad_sampling_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kw)
+
+
+# --- every accepted setting gives tokens -------------------------------------------------------
+
+TINY = [1e-45, 5e-324, 1e-39, 1e-30]  # denormal in float32 or float64, and just above
+
+
+@pytest.mark.parametrize("temperature", TINY)
+def test_a_tiny_temperature_is_greedy(model, temperature):
+    assert SamplingConfig(temperature).greedy == (temperature < 1.2e-38)
+    assert run(model, SamplingConfig(temperature=temperature)) == run(
+        model, SamplingConfig(temperature=0)
+    )
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-45, 1e-30])
+def test_a_top_p_below_the_largest_probability_keeps_the_most_likely_token(model, top_p):
+    logits = torch.tensor([[0.5, 2.0, 1.0, 2.0 - 1e-3]])
+    kept = torch.isfinite(filter_logits(logits, None, top_p))
+    assert kept.tolist() == [[False, True, False, False]]
+    assert run(model, SamplingConfig(temperature=1.0, top_p=top_p)) == run(
+        model, SamplingConfig(temperature=0)
+    )
+
+
+def test_tiny_settings_together_and_huge_logits_never_give_nan():
+    logits = torch.tensor([[3e38, -3e38, 0.0, 3e38 * 0.999], [1.0, 1.0 + 1e-6, 1.0, 0.0]])
+    for t in [*TINY, 1.0, 2.0]:
+        for p in (None, 5e-324, 0.5):
+            s = SamplingConfig(t, top_k=2, top_p=p)
+            draws = sample_next(logits, s, make_generator(0))
+            assert draws.tolist()[1] in (0, 1) and draws.tolist()[0] in (0, 3)
+    assert sample_next(logits, SamplingConfig(1e-30), make_generator(0)).tolist() == [0, 1]
+
+
+def test_top_k_ties_keep_the_lowest_token_ids():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.5, 3.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=None))
+    assert kept[0].nonzero().flatten().tolist() == [1, 2]
+    kept = torch.isfinite(filter_logits(logits, top_k=5, top_p=None))
+    assert kept[0].nonzero().flatten().tolist() == [0, 1, 2, 3, 5]
+
+
+def test_visible_controls_escapes_control_characters_but_newline_and_tab():
+    text = "a\x1b[31mred\x1b[0m\tb\nc\rd\x08\x00\x7f\x9b é ☃"
+    assert visible_controls(text) == "a\\x1b[31mred\\x1b[0m\tb\nc\\x0dd\\x08\\x00\\x7f\\x9b é ☃"
+    assert visible_controls("plain\ttext\n") == "plain\ttext\n"
+
+
+# --- the sample command: tiny settings, seeds, and a terminal that model output cannot drive ----
+
+ESC_TEXT = "".join(f"ab\x1b[{i % 7}m\n" for i in range(400))  # after "ab" always comes ESC
+
+
+@pytest.fixture(scope="module")
+def esc_run(tmp_path_factory) -> Path:
+    """A tiny GPT trained on text full of terminal escape sequences."""
+    from tinygpt.config import TrainConfig
+    from tinygpt.train import train
+
+    root = tmp_path_factory.mktemp("esc")
+    data = root / "esc.txt"
+    data.write_text(ESC_TEXT, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYGPT_HOME", str(root / "home"))
+        cfg = TrainConfig.resolve({
+            "data": str(data), "out": str(root / "run"), "n_layer": 1, "n_head": 2, "n_embd": 32,
+            "block_size": 16, "max_steps": 60, "eval_interval": 60, "eval_iters": 2,
+            "sample_chars": 0, "lr": 1e-2, "warmup_steps": 5, "device": "cpu",
+        })
+        train(cfg, log=lambda _: None, progress_bar=False)
+    return root / "run"
+
+
+def sample_on_a_terminal(*args: str) -> tuple[bytes, str, int]:
+    """Run ``tinygpt sample ARGS`` with stdout on a pseudo-terminal: (stdout bytes, stderr, rc)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinygpt", "sample", *args], stdout=slave,
+                            stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    err = proc.stderr.read().decode()
+    return bytes(out), err, proc.wait(60)
+
+
+def test_sample_on_a_terminal_shows_escape_sequences_escaped(esc_run):
+    out, err, rc = sample_on_a_terminal(str(esc_run), "--prompt", "ab", "--num-chars", "40",
+                                        "--temperature", "0", "--seed", "1")
+    assert rc == 0, err
+    assert b"\x1b" not in out
+    assert b"\\x1b" in out  # the model did write ESC: shown as four visible characters
+    # redirected to a pipe, the same command writes the bytes exactly as generated
+    proc = run_cli("sample", esc_run, "--prompt", "ab", "--num-chars", "40", "--temperature",
+                   "0", "--seed", "1", env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "\x1b" in proc.stdout and "\\x1b" not in proc.stdout
+    shown = out.decode().replace("\r\n", "\n")  # the terminal turns newlines into CR LF
+    assert shown == visible_controls(proc.stdout)
+
+
+def test_sample_says_which_seed_it_used_and_that_seed_gives_the_text_again(esc_run):
+    first = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a",
+                    env={"OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr
+    seed = re.fullmatch(r"seed (\d+) \(--seed \1 gives this text again\)\n", first.stderr)
+    assert seed, first.stderr
+    again = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a", "--seed",
+                    seed.group(1), env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert again.stderr == ""  # a given seed is not repeated back
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "1e-45"], ["--temperature", "5e-324"],
+                                   ["--top-p", "5e-324"], ["--temperature", "1e-45", "--top-p",
+                                                           "5e-324", "--top-k", "1"]])
+def test_sample_with_denormal_settings_is_greedy(esc_run, flags):
+    greedy = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a", "--seed", "3",
+                     "--temperature", "0", env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a", "--seed", "3",
+                   *flags, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == greedy.stdout and len(proc.stdout) == 32

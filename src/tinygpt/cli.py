@@ -155,9 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows per forward pass (default: 32)")
     _add_load_flags(p)
 
-    from tinygpt.serve.options import add_serve_parser
-
-    add_serve_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -231,8 +229,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"got {args.window_shift}"
         )
     base_seed = args.seed if args.seed is not None else int(torch.seed() % (2**31))
+    if args.seed is None:  # say it, so that a good sample can be made again
+        print(f"seed {base_seed} (--seed {base_seed} gives this text again)", file=sys.stderr)
     n = args.num_samples
-    out = sys.stdout
+    # On a terminal, model output must not drive it: control characters are shown escaped.
+    # Redirected to a file or a pipe, the text is written exactly as generated.
+    out = _TerminalSafe(sys.stdout) if sys.stdout.isatty() else sys.stdout
 
     # All samples are decoded together, but printed one after another: the sample being
     # printed is streamed, the text of later ones waits in a buffer until their turn.
@@ -279,6 +281,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+class _TerminalSafe:
+    """A text stream that writes control characters (but newline and tab) as ``\\xNN``."""
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        from tinygpt.generate import visible_controls
+
+        return self.stream.write(visible_controls(text))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load_checkpoint
     from tinygpt.data import load_corpus
@@ -317,11 +334,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """``serve``: its own flags, then one flag per field of ``ServeLimits``."""
+    import os
+
+    from tinygpt.serve.options import API_KEY_ENV, ServeLimits
+
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP (OpenAI-compatible API + playground)",
+        description="Serve a trained model: an OpenAI-compatible /v1/completions API and a web "
+        "playground at /. Listens on 127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port; 0 picks a free one (default: 8000)")
+    p.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
+        help=f"require this key (Authorization: Bearer KEY) on every route but /health "
+        f"(default: ${API_KEY_ENV}, else none)",
+    )
+    p.add_argument("--model-name", default=None, metavar="NAME",
+                   help="model id in the API (default: RUN_DIR's name)")
+    p.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="also accept this Host header name (repeatable); on other addresses than "
+        "loopback, giving it turns the Host check on",
+    )
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads for the model; 0 keeps torch's default (default: 0)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    _add_load_flags(p)
+    for f in fields(ServeLimits):
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default), default=f.default,
+            metavar="S" if f.name == "timeout" else "N",
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tinygpt.serve.options import run_serve
+    """Check the settings, then serve until interrupted."""
+    from tinygpt.serve.options import ServeLimits
 
-    return run_serve(args)
-
+    limits = ServeLimits(**{f.name: getattr(args, f.name) for f in fields(ServeLimits)})
+    if not 0 <= args.threads <= 1024:
+        raise TinyGPTError(f"--threads must be between 0 and 1024, got {args.threads}")
+    try:
+        from tinygpt.serve.server import serve
+    except ImportError as e:
+        raise TinyGPTError(
+            f"tinygpt serve needs FastAPI and uvicorn ({e.name} is missing): "
+            f"pip install 'tinygpt[serve]'"
+        ) from None
+    serve(
+        args.run_dir, args.host, args.port, args.api_key, limits, args.model_name,
+        args.allowed_host, args.checkpoint, args.device, args.access_log, args.threads,
+    )
+    return 0
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve}
 

@@ -453,7 +453,7 @@ def stream(
         if not active:
             break
         logits = engine.step([states[i] for i in active])  # (len(active), V)
-        if sampling.temperature == 0:
+        if sampling.greedy:
             chosen = torch.argmax(logits, dim=-1).tolist()
         else:  # row by row, each with its own generator: the same draws as sampling alone
             chosen = [int(sample_next(logits[j : j + 1], sampling, gens[i])[0])

@@ -8,6 +8,7 @@ draw a token, append it, repeat. Temperature, top-k and top-p reshape the distri
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,23 +35,35 @@ class SamplingConfig:
         ):
             raise ValueError(f"top_p must be in (0, 1], got {p!r}")
 
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is the same as taking the most likely token.
+
+        That is temperature 0, and also a temperature too small for float32 (below its smallest
+        normal number, ~1.2e-38): dividing by it would turn every logit gap into infinity.
+        """
+        return self.temperature < torch.finfo(torch.float32).tiny
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set the logits of excluded tokens to -inf. ``logits`` is (B, V).
 
-    top-k keeps exactly ``k`` tokens per row, even when several logits tie at the boundary.
+    top-k keeps exactly ``k`` tokens per row; when several logits tie at the boundary, the ones
+    with the lowest token ids are kept (a stable sort ranks ties in vocabulary order).
     top-p sorts by probability and keeps each token whose preceding cumulative probability is
-    still below ``p``: the smallest prefix whose total reaches ``p``.
+    still below ``p``: the smallest prefix whose total reaches ``p``. The most likely token is
+    always kept, so a ``p`` below its probability (even 5e-324) keeps exactly that one.
     """
     if top_k is not None and top_k < logits.size(-1):
-        keep = torch.topk(logits, top_k, dim=-1).indices  # exactly k indices, ties included
-        mask = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, keep, False)
-        logits = logits.masked_fill(mask, float("-inf"))
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        drop = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, order[:, :top_k], False)
+        logits = logits.masked_fill(drop, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # probability mass ranked above each token
         drop_sorted = before >= top_p
+        drop_sorted[:, 0] = False  # p may round to 0 in float32: the first token always stays
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -59,12 +72,33 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 def sample_next(
     logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Choose the next token for each row of ``logits`` (B, V); returns (B,)."""
-    if sampling.temperature == 0:
+    """Choose the next token for each row of ``logits`` (B, V); returns (B,).
+
+    Every setting that ``SamplingConfig`` accepts gives a token. Subtracting the row's maximum
+    before dividing by the temperature keeps the largest scaled logit at exactly 0, so a tiny
+    temperature sends the other logits to -inf (probability 0) instead of overflowing to
+    +inf - inf = NaN in the softmax.
+    """
+    if sampling.greedy:
         return torch.argmax(logits, dim=-1)
-    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature  # (B, V), max 0
+    logits = filter_logits(logits, sampling.top_k, sampling.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # category Cc except \t and \n
+
+
+def visible_controls(text: str) -> str:
+    """``text`` with control characters other than newline and tab written as escapes.
+
+    Model output shown on a terminal must not drive it: ESC (``\\x1b``) starts colour and cursor
+    sequences, CR and backspace overwrite what is on screen. Each control character (Unicode
+    category Cc: C0, DEL and C1) becomes ``\\xNN``; everything else is unchanged.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def default_window_shift(block_size: int) -> int:

@@ -1,5 +1,5 @@
 """Serving a trained model over HTTP: an OpenAI-compatible completions API and a playground page.
 
-``options`` (limits and CLI flags) imports nothing heavy; ``app`` and ``server`` need FastAPI and
+``options`` (the limits) imports nothing heavy; ``app`` and ``server`` need FastAPI and
 uvicorn (``pip install 'tinygpt[serve]'``).
 """

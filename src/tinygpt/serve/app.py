@@ -37,12 +37,13 @@ from starlette.requests import ClientDisconnect
 from tinygpt.engine import Engine
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.protocol import ApiError, Completion, check_completion, parse_json
-from tinygpt.serve.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+from tinygpt.serve.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, WorkerFailed
 from tinygpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("tinygpt.serve")
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+WATCHDOG_SECONDS = 1.0  # how often a waiting request checks that the worker is still alive
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -197,6 +198,8 @@ def _sse(obj) -> str:
 
 
 def _server_error(e: BaseException) -> ApiError:
+    if isinstance(e, WorkerFailed):
+        return ApiError(503, str(e), code="worker_failed", type="server_error")
     if isinstance(e, SchedulerClosed):
         return ApiError(503, str(e), code="shutting_down", type="server_error")
     return ApiError(500, f"generation failed: {type(e).__name__}", code="internal_error",
@@ -270,8 +273,12 @@ def create_app(
                 "tinygpt": details}
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health(request: Request) -> JSONResponse:
+        scheduler: Scheduler = request.app.state.scheduler
+        if scheduler.alive:
+            return JSONResponse({"status": "ok"})
+        error = scheduler.failure or SchedulerClosed("the server is shutting down")
+        return JSONResponse({"status": "error", **_server_error(error).body()}, 503)
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -318,7 +325,7 @@ def create_app(
                 "created": int(time.time()), "model": info.id}
         if spec.stream:
             return StreamingResponse(
-                _stream(job, spec, queue, meta), media_type="text/event-stream",
+                _stream(job, spec, queue, meta, scheduler), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         return await _respond(request, job, spec, queue, meta)
@@ -333,11 +340,21 @@ def _usage(job: Job, spec: Completion) -> dict:
             "total_tokens": prompt + completion}
 
 
-async def _collect(job: Job, queue: asyncio.Queue) -> BaseException | None:
+async def _next(queue: asyncio.Queue, scheduler: Scheduler):
+    """The next item from the worker; the worker's failure if it died without a word."""
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), WATCHDOG_SECONDS)
+        except asyncio.TimeoutError:
+            if not scheduler.alive and queue.empty():
+                return scheduler.failure or SchedulerClosed("the server is shutting down")
+
+
+async def _collect(job: Job, queue: asyncio.Queue, scheduler: Scheduler) -> BaseException | None:
     """Wait until every choice has finished; returns the error if generation failed."""
     left = len(job.choices)
     while left:
-        item = await queue.get()
+        item = await _next(queue, scheduler)
         if isinstance(item, BaseException):
             return item
         left -= sum(1 for _, _, finish in item if finish)
@@ -351,7 +368,7 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _respond(request: Request, job: Job, spec: Completion, queue: asyncio.Queue,
                    meta: dict) -> Response:
-    collect = asyncio.ensure_future(_collect(job, queue))
+    collect = asyncio.ensure_future(_collect(job, queue, request.app.state.scheduler))
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -373,7 +390,8 @@ async def _respond(request: Request, job: Job, spec: Completion, queue: asyncio.
     return JSONResponse({**meta, "choices": choices, "usage": _usage(job, spec)})
 
 
-async def _stream(job: Job, spec: Completion, queue: asyncio.Queue, meta: dict):
+async def _stream(job: Job, spec: Completion, queue: asyncio.Queue, meta: dict,
+                  scheduler: Scheduler):
     """Server-sent events: one ``data: {chunk}`` per choice with new text, then ``[DONE]``."""
 
     def chunk(index: int, text: str, finish: str | None) -> str:
@@ -386,7 +404,7 @@ async def _stream(job: Job, spec: Completion, queue: asyncio.Queue, meta: dict):
                 yield chunk(c.index, spec.prompts[c.index // spec.n], None)
         left = len(job.choices)
         while left:
-            items = [await queue.get(), *_drain(queue)]  # merge what piled up while we waited
+            items = [await _next(queue, scheduler), *_drain(queue)]  # merge what piled up
             merged: dict[int, list] = {}
             error = None
             for item in items:

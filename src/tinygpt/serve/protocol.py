@@ -181,10 +181,6 @@ class Completion:
     include_usage: bool
     echo: bool
 
-    @property
-    def num_choices(self) -> int:
-        return self.n * len(self.prompts)
-
 
 def _number(req: CompletionRequest, name: str) -> float | None:
     value = getattr(req, name)

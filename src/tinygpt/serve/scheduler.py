@@ -7,6 +7,10 @@ same text whichever other requests share its batch.
 
 The worker talks to the web server through a ``sink`` per request, called from the worker thread
 with either a list of events ``(choice_index, text, finish_reason)`` or an exception.
+
+Failures stay where they happen: a sequence whose step or sampling raises fails its own request
+(the others in the batch go on), and should the worker thread itself die, every waiting request
+is told (``WorkerFailed``), new ones are refused and ``alive`` turns False for ``/health``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tinygpt.engine import Engine, SeqState
+from tinygpt.engine import Engine, SeqState, TextStream
 from tinygpt.generate import SamplingConfig, sample_next
 from tinygpt.tokenizer import CharTokenizer
 
@@ -40,7 +44,16 @@ class QueueFull(Exception):
 
 
 class SchedulerClosed(RuntimeError):
-    pass
+    """The scheduler takes no more requests: the server is stopping."""
+
+
+class WorkerFailed(SchedulerClosed):
+    """The worker thread stopped on an unexpected error; the server cannot generate any more."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"the decoding worker stopped ({type(error).__name__}); the server "
+                         f"must be restarted")
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -60,59 +73,34 @@ class Choice:
         self.prompt_ids = prompt_ids
         self.generator = generator
         self.state: SeqState | None = None
-        self.text = ""  # generated text, cut before a stop string once one appears
-        self.emitted = 0  # characters of ``text`` already sent
+        self.stream = TextStream(job.params.stop)  # the text, cut before a stop string
+        self.unsent = ""  # text released by ``stream`` and not yet sent
         self.num_tokens = 0
         self.finish_reason: str | None = None
 
+    @property
+    def text(self) -> str:
+        """The text released so far: all of it once finished."""
+        return self.stream.text
+
     def add(self, char: str) -> None:
         """Record one generated character and decide whether the sequence is done."""
-        params = self.job.params
         self.num_tokens += 1
-        self.text += char
-        if params.stop:
-            cut = stop_position(self.text, params.stop)
-            if cut is not None:
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                return
-        if self.num_tokens >= params.max_tokens:
-            self.finish_reason = "length"
+        self.unsent += self.stream.feed(char)
+        if self.stream.stopped:
+            self.finish_reason = "stop"
+        elif self.num_tokens >= self.job.params.max_tokens:
+            self.end("length")
+
+    def end(self, reason: str) -> None:
+        """No more characters will come: release what the stop strings held back."""
+        self.unsent += self.stream.finish()
+        self.finish_reason = reason
 
     def take_text(self) -> str:
-        """Text that is safe to send now: all of it once finished, else all but a possible
-        beginning of a stop string."""
-        end = len(self.text)
-        if self.finish_reason is None:
-            end -= held_back(self.text, self.job.params.stop)
-        delta = self.text[self.emitted:end]
-        self.emitted = max(self.emitted, end)
-        return delta
-
-
-def stop_position(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string ending at the end of ``text`` starts, if one does.
-
-    Called after every new character, so a stop string can only newly appear at the end.
-    """
-    best = None
-    for s in stops:
-        if text.endswith(s):
-            start = len(text) - len(s)
-            best = start if best is None else min(best, start)
-    return best
-
-
-def held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that could grow into a stop string."""
-    if not stops:
-        return 0
-    longest = min(len(text), max(len(s) for s in stops) - 1)
-    for k in range(longest, 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0
+        """The text that is safe to send now (everything but a possible stop string start)."""
+        text, self.unsent = self.unsent, ""
+        return text
 
 
 class Job:
@@ -157,8 +145,10 @@ class Scheduler:
         self._cv = threading.Condition()
         self._pending: deque[Job] = deque()
         self._pending_choices = 0
+        self._active: list[Choice] = []  # the worker's batch (only the worker changes it)
         self._active_count = 0
         self._closed = False
+        self.failure: WorkerFailed | None = None  # set when the worker thread died
         self._job_seconds = 1.0  # moving average of how long an admitted request runs
         self.steps = 0
         self.tokens = 0
@@ -167,11 +157,17 @@ class Scheduler:
 
     # -- called from the web server's threads -----------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread is running (False once it died or was closed)."""
+        return self.failure is None and self._thread.is_alive()
+
     def submit(
         self, prompts: list[list[int]], n: int, params: GenerationParams, timeout: float, sink: Sink
     ) -> Job:
         """Queue a request: ``n`` choices per prompt, choice ``i * n + j`` is prompt ``i``'s
-        ``j``-th. Raises ``QueueFull`` when the queue is at its limit."""
+        ``j``-th. Raises ``QueueFull`` when the queue is at its limit, ``SchedulerClosed`` when
+        the server stops or its worker died."""
         job = Job(params, time.monotonic() + timeout, sink)
         for i, ids in enumerate(prompts):
             for j in range(n):
@@ -181,7 +177,9 @@ class Scheduler:
         if len(job.choices) > self.max_batch:
             raise ValueError(f"a request may have at most {self.max_batch} choices")
         with self._cv:
-            if self._closed:
+            if self.failure is not None:
+                raise self.failure
+            if self._closed or not self._thread.is_alive():
                 raise SchedulerClosed("the server is shutting down")
             reserved = self._active_count + self._pending_choices
             fits_now = reserved + len(job.choices) <= self.max_batch
@@ -213,11 +211,27 @@ class Scheduler:
     # -- the worker thread -----------------------------------------------------------------
 
     def _run(self) -> None:
-        active: list[Choice] = []
+        """The worker: decode until closed. If it dies, every waiting request hears why."""
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - a bug; reported to /health and every request
+            log.exception("the decoding worker stopped")
+            with self._cv:
+                self.failure = WorkerFailed(e)
+                self._closed = True
+                jobs = list(self._pending) + list({c.job: None for c in self._active})
+                self._pending.clear()
+                self._active = []
+                self._active_count = 0
+            for job in jobs:
+                self._fail(job, self.failure)
+
+    def _loop(self) -> None:
         while True:
             admitted: list[Job] = []
             dropped: list[Job] = []
             with self._cv:
+                active = self._active
                 self._active_count = len(active)
                 while not self._closed and not self._pending and not active:
                     self._cv.wait()
@@ -249,11 +263,9 @@ class Scheduler:
                         c.state = self.engine.new_sequence(c.prompt_ids)
                 except Exception as e:  # noqa: BLE001 - reported to the client
                     self._fail(job, e)
-                    job.cancelled = True
-            active = self._step(active)
+            self._active = self._step(active)
         for job in leftover:
-            if not job.cancelled:
-                job.sink(SchedulerClosed("the server is shutting down"))
+            self._fail(job, SchedulerClosed("the server is shutting down"))
 
     def _step(self, active: list[Choice]) -> list[Choice]:
         """Drop finished sequences, decode one token for the rest; returns those still running."""
@@ -265,31 +277,31 @@ class Scheduler:
             if job.cancelled:
                 continue
             if now >= job.deadline:  # out of time: the text ends here, like max_tokens
-                c.finish_reason = "length"
+                c.end("length")
                 events.setdefault(job, []).append((c.index, c.take_text(), "length"))
                 continue
             running.append(c)
         if running:
-            try:
-                logits = self.engine.step([c.state for c in running]).float().cpu()
-                for i, c in enumerate(running):
-                    row = logits[i : i + 1]
-                    token = int(sample_next(row, c.job.params.sampling, c.generator)[0])
-                    self.engine.append(c.state, token)
-                    c.add(self.chars[token])
-                    text = c.take_text()
-                    if text or c.finish_reason:
-                        events.setdefault(c.job, []).append((c.index, text, c.finish_reason))
-            except Exception as e:  # noqa: BLE001 - one bad step fails its requests, not the server
-                log.exception("decode step failed")
-                for job in {c.job: None for c in running}:
-                    self._fail(job, e)
-                    events.pop(job, None)
-                running = []
+            for c, row in zip(running, self._forward(running), strict=True):
+                if c.job.cancelled:  # another choice of its request failed in this step
+                    continue
+                try:
+                    if isinstance(row, BaseException):
+                        raise row
+                    self._sample(c, row)
+                except Exception as e:  # noqa: BLE001 - fails this request, not the others
+                    log.error("decoding a sequence failed: %r", e)
+                    self._fail(c.job, e)
+                    continue
+                text = c.take_text()
+                if text or c.finish_reason:
+                    events.setdefault(c.job, []).append((c.index, text, c.finish_reason))
+            running = [c for c in running if not c.job.cancelled]
             self.steps += 1
             self.tokens += len(running)
         for job, evs in events.items():
-            job.sink(evs)
+            if not job.cancelled:
+                job.sink(evs)
         still = [c for c in running if c.finish_reason is None]
         for c in active:
             if (c.finish_reason is not None or c.job.cancelled) and c.state is not None:
@@ -300,6 +312,31 @@ class Scheduler:
             if job.admitted_at is not None:
                 self._job_seconds = 0.8 * self._job_seconds + 0.2 * (now - job.admitted_at)
         return still
+
+    def _forward(self, running: list[Choice]) -> list[torch.Tensor | Exception]:
+        """Next-token logits (V,) of every running choice, or the error its own step raised.
+
+        The batch runs in one step. Should that fail, each sequence is stepped alone (from its
+        window, its cache dropped) to find out which one fails: only its request gets the error.
+        """
+        try:
+            return list(self.engine.step([c.state for c in running]).float().cpu())
+        except Exception:  # noqa: BLE001 - narrowed down below
+            log.exception("a batched decode step failed; stepping its sequences one by one")
+        rows: list[torch.Tensor | Exception] = []
+        for c in running:
+            self.engine.release(c.state)
+            try:
+                rows.append(self.engine.step([c.state]).float().cpu()[0])
+            except Exception as e:  # noqa: BLE001 - reported to that request
+                rows.append(e)
+        return rows
+
+    def _sample(self, c: Choice, logits: torch.Tensor) -> None:
+        """Draw the next token of ``c`` from its logits (V,) and record it."""
+        token = int(sample_next(logits[None], c.job.params.sampling, c.generator)[0])
+        self.engine.append(c.state, token)
+        c.add(self.chars[token])
 
     @staticmethod
     def _fail(job: Job, error: BaseException) -> None:
