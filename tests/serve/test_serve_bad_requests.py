@@ -134,11 +134,6 @@ def http(server):
         yield client
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 30
-    assert len({c[0] for c in CASES}) == len(CASES)
-
-
 @pytest.mark.parametrize("content, status, param", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
 def test_bad_request(http, content, status, param):
