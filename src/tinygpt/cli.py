@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(p)
 
     _add_serve_parser(sub)
+    _add_hf_parsers(sub)
     _add_lesson_parsers(sub)
     return parser
 
@@ -394,6 +395,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     return 0
 
+def _add_hf_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a run as a Hugging Face transformers model directory",
+        description="Write a run's model and tokenizer as a directory that transformers loads "
+        "(AutoModelForCausalLM / AutoTokenizer .from_pretrained): GPT-2 for learned positions, "
+        "Llama, Qwen3 or Persimmon for rotary ones. Options with no exact equivalent are refused.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of the run (default: best, else last)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty OUT_DIR")
+
+    p = sub.add_parser(
+        "import", help="turn a GPT-2-format model directory into a tinygpt run",
+        description="Read a GPT-2-format directory (config.json, model.safetensors or "
+        "pytorch_model.bin, tokenizer.json or vocab.json + merges.txt) and write it as a run "
+        "that samples, evaluates, serves and fine-tunes with --init-from.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tinygpt.hf import export_run
+
+    result = export_run(Path(args.run_dir), Path(args.out_dir), args.checkpoint, args.overwrite)
+    print(f"wrote {result.architecture} to {result.out_dir} ({', '.join(result.files)})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tinygpt.hf import import_hf
+
+    folder = import_hf(Path(args.hf_dir), Path(args.out), args.overwrite)
+    print(f"wrote {folder}; sample with: tinygpt sample {args.out}")
+    return 0
+
+
 # ------------------------------------------------------- lessons: ladder, plot, attention, lesson
 
 
@@ -557,7 +598,8 @@ def cmd_lesson(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "serve": cmd_serve,
+            "export": cmd_export, "import": cmd_import}
 COMMANDS.update(ladder=cmd_ladder, plot=cmd_plot, attention=cmd_attention, lesson=cmd_lesson)
 
 

@@ -1,18 +1,85 @@
-"""Character-level tokenizer: every distinct character of the corpus is one token.
+"""Tokenizers: text to token ids and back, behind one interface.
 
-As in the lecture, the vocabulary is the sorted set of characters, so token ids follow code-point
-order. The tokenizer is stored as JSON inside every checkpoint, so a run directory is all one
-needs to sample from a model.
+``CharTokenizer`` is the lecture's: every distinct character of the corpus is one token, and the
+vocabulary is the sorted set of characters, so token ids follow code-point order.
+
+``BPETokenizer`` is byte-level byte-pair encoding, trained with Hugging Face ``tokenizers`` (as in
+GPT-2): text is UTF-8 bytes, the 256 byte values are the first tokens and frequent neighbours
+are merged into longer ones. Every string encodes (there are no unknown characters), but a token
+may end in the middle of a multi-byte character; ``TextDecoder`` turns a stream of tokens into
+whole characters.
+
+Both have the same methods: ``encode``, ``encode_array``, ``decode``, ``vocab_size``,
+``unknown_chars``, ``token_bytes``, ``text_decoder``, ``to_dict`` and ``tokenizer_from_dict``. A
+tokenizer is stored inside every checkpoint, so a run directory is all one needs to sample from a
+model.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from tinygpt.errors import TinyGPTError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+TOKENIZER_KINDS = ("char", "bpe")
+
+
+class Tokenizer(Protocol):
+    """What the rest of tinygpt needs from a tokenizer."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_array(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def unknown_chars(self, text: str) -> list[str]: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def text_decoder(self) -> TextDecoder: ...
+
+    def to_dict(self) -> dict: ...
+
+
+class TextDecoder:
+    """Turns token ids, one at a time, into whole characters.
+
+    A byte-level token can end inside a multi-byte UTF-8 character (an emoji is 4 bytes, often
+    split over two tokens); its bytes wait here until the character is complete. Bytes that can
+    never form a character come out as U+FFFD, as ``decode`` does.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._bytes = tokenizer.token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The characters completed by ``token`` (maybe none)."""
+        return self._utf8.decode(self._bytes(int(token)))
+
+    def flush(self) -> str:
+        """What is left at the end of the stream: an incomplete character becomes U+FFFD."""
+        return self._utf8.decode(b"", final=True)
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes of an incomplete character are waiting."""
+        return bool(self._utf8.getstate()[0])
 
 
 class CharTokenizer:
@@ -67,6 +134,12 @@ class CharTokenizer:
         chars = self.chars
         return "".join(chars[i] for i in ids)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.chars[token].encode("utf-8")
+
+    def text_decoder(self) -> TextDecoder:
+        return TextDecoder(self)
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
@@ -89,3 +162,195 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+# ------------------------------------------------------------------------------ byte-level BPE
+
+
+def _byte_symbols() -> dict[str, int]:
+    """The printable character that stands for each byte in a byte-level vocabulary -> the byte.
+
+    Byte-level BPE (GPT-2's convention, followed by ``tokenizers``) writes tokens as strings in
+    which every byte is one visible character: bytes that already are printable Latin-1
+    characters stand for themselves, the 68 others (controls, space, soft hyphen) take the code
+    points 256, 257, ... in byte order. A space is thus written 'Ġ' and a newline 'Ċ'.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            symbols[chr(256 + extra)] = b
+            extra += 1
+    return symbols
+
+
+def _load_tokenizers():
+    try:
+        import tokenizers
+    except ModuleNotFoundError:
+        raise TinyGPTError(
+            "BPE tokenizers need the 'tokenizers' package: pip install tokenizers"
+        ) from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """Byte-level BPE held by a Hugging Face ``tokenizers.Tokenizer``.
+
+    Ids are those of the ``tokenizers`` vocabulary (including added tokens such as GPT-2's
+    ``<|endoftext|>``); encoding adds no special tokens. The whole ``tokenizer.json`` is the
+    stored form, so a tokenizer trained here loads unchanged in ``tokenizers`` and
+    ``transformers``.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        spec = json.loads(tokenizer.to_str())
+        model = (spec.get("model") or {}).get("type")
+        decoder = (spec.get("decoder") or {}).get("type")
+        if model != "BPE" or decoder != "ByteLevel":
+            raise TinyGPTError(
+                f"not a byte-level BPE tokenizer (model {model!r}, decoder {decoder!r}); tinygpt "
+                f"reads byte-level BPE (as GPT-2's) and its own character tokenizers"
+            )
+        if spec.get("normalizer") is not None:
+            raise TinyGPTError(
+                f"the tokenizer normalizes text ({spec['normalizer'].get('type')!r}), so decoding "
+                f"would not give back the text; tinygpt needs a tokenizer without a normalizer"
+            )
+        self.tokenizer = tokenizer
+        self._json = tokenizer.to_str()
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, length: int | None = None,
+        show_progress: bool = False,
+    ) -> BPETokenizer:
+        """Learn ``vocab_size - 256`` merges from ``texts`` (an iterable of strings, streamed:
+        pass chunks of a large corpus, not one huge string); ``length`` is their number, for
+        the progress bar."""
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+            raise TinyGPTError(
+                f"a byte-level BPE vocabulary needs at least 257 tokens (256 bytes + merges), "
+                f"got {vocab_size!r}"
+            )
+        tk = _load_tokenizers()
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress, special_tokens=[],
+        )
+        tokenizer.train_from_iterator(texts, trainer, length=length)
+        return cls(tokenizer)
+
+    @classmethod
+    def from_json(cls, s: str) -> BPETokenizer:
+        """From the text of a ``tokenizer.json``."""
+        tk = _load_tokenizers()
+        try:
+            tokenizer = tk.Tokenizer.from_str(s)
+        except Exception as e:  # tokenizers raises plain Exceptions on bad JSON
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TinyGPTError(f"cannot read the tokenizer: {first}") from None
+        return cls(tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        return []  # every string is a sequence of bytes, and every byte is a token
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode several texts at once (``tokenizers`` spreads them over threads)."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        symbols = _byte_symbols()
+        added = {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+        table = []
+        for i in range(self.vocab_size):
+            if i in added:  # special tokens are plain text
+                table.append(added[i].encode("utf-8"))
+                continue
+            piece = self.tokenizer.id_to_token(i)
+            if piece is None:  # a hole in the id range
+                table.append(b"")
+            elif all(c in symbols for c in piece):
+                table.append(bytes(symbols[c] for c in piece))
+            else:
+                table.append(piece.encode("utf-8"))
+        return table
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes token ``token`` stands for (maybe part of a character)."""
+        table = self._token_bytes
+        return table[token] if 0 <= token < len(table) else b""
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    def text_decoder(self) -> TextDecoder:
+        return TextDecoder(self)
+
+    def to_json(self) -> str:
+        """The ``tokenizer.json`` text."""
+        return self._json
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer_json": self._json}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BPETokenizer:
+        if not isinstance(d, dict) or d.get("kind") != cls.kind or not isinstance(
+                d.get("tokenizer_json"), str):
+            raise TinyGPTError("unrecognised tokenizer description (expected a 'bpe' tokenizer)")
+        return cls.from_json(d["tokenizer_json"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BPETokenizer) and self._json == other._json
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
+    """The tokenizer a checkpoint or token cache describes (``to_dict`` of either kind)."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == BPETokenizer.kind:
+        return BPETokenizer.from_dict(d)
+    if kind == CharTokenizer.kind:
+        return CharTokenizer.from_dict(d)
+    raise TinyGPTError(
+        f"unrecognised tokenizer kind {kind!r} (expected one of: {', '.join(TOKENIZER_KINDS)}); "
+        f"the checkpoint may come from a newer tinygpt"
+    )
+
+
+def iter_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
+    """``text`` in pieces of about ``size`` characters, each cut just after a newline that a
+    non-space character follows, where there is one. Byte-level BPE splits text into words
+    before merging, and such a place is always a word boundary: encoding the pieces one by one
+    gives the same tokens as encoding the whole text."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n", start, end - 1)
+            while cut > start and text[cut + 1].isspace():
+                cut = text.rfind("\n", start, cut)
+            end = cut + 1 if cut > start else end
+        yield text[start:end]
+        start = end
