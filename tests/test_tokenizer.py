@@ -5,7 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygpt.errors import TinyGPTError
-from tinygpt.tokenizer import BPETokenizer, CharTokenizer, TextDecoder, iter_chunks, tokenizer_from_dict
+from tinygpt.tokenizer import (
+    BPETokenizer,
+    CharTokenizer,
+    TextDecoder,
+    iter_chunks,
+    rechunk,
+    tokenizer_from_dict,
+)
 
 
 def test_vocabulary_is_sorted_unique_characters():
@@ -112,12 +119,47 @@ def test_chunked_encoding_equals_whole_encoding(bpe):
     assert [i for ids in bpe.encode_batch(chunks) for i in ids] == bpe.encode(text)
 
 
+def test_rechunked_stream_encodes_like_the_whole(bpe):
+    text = (TRAIN_TEXT + UNSEEN + "\n\n  indented\n \nx\n") * 5
+    pieces = [text[i:i + 13] for i in range(0, len(text), 13)]
+    chunks = list(rechunk(pieces, 200))
+    assert "".join(chunks) == text and len(chunks) > 10
+    assert [i for c in chunks for i in bpe.encode(c)] == bpe.encode(text)
+    assert list(rechunk(["no newline at all " * 10], 5)) == ["no newline at all " * 10]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(parts=st.lists(st.sampled_from(
+    ["\n", " ", "\t", "\r\n", "\n\n", "  ", "ab", "x y", "'s", "é", "😀", "1", "?!"]), max_size=30))
+def test_chunk_cuts_never_change_the_tokens(bpe, parts):
+    text = "".join(parts)
+    whole = bpe.encode(text)
+    for chunk_size in (2, 3, 5):
+        chunks = list(iter_chunks(text, chunk_size))
+        assert "".join(chunks) == text
+        # every cut made at a safe place (not forced by a missing one) keeps the tokens
+        pos = 0
+        for c in chunks[:-1]:
+            pos += len(c)
+            if text[pos - 1] == "\n" and not text[pos - 2].isspace() and not text[pos].isspace():
+                assert bpe.encode(text[:pos]) + bpe.encode(text[pos:]) == whole
+
+
 def test_tokenizer_descriptions_round_trip(bpe):
     char = CharTokenizer.from_text("abc\n")
     assert tokenizer_from_dict(char.to_dict()) == char
     again = tokenizer_from_dict(json.loads(json.dumps(bpe.to_dict())))
     assert again == bpe and again.encode(UNSEEN) == bpe.encode(UNSEEN)
     assert again != char and char != again
+    assert again.fingerprint == bpe.fingerprint != char.fingerprint
+    assert CharTokenizer.from_text("abd").fingerprint != CharTokenizer.from_text("abc").fingerprint
+
+
+def test_token_text_shows_partial_characters_as_bytes(bpe):
+    ids = bpe.encode("😀")
+    assert [bpe.token_text(i) for i in ids] == ["\\xf0", "\\x9f", "\\x98", "\\x80"]
+    assert bpe.token_text(bpe.encode(" speak")[0]) == " speak"
+    assert CharTokenizer.from_text("ab").token_text(1) == "b"
 
 
 @pytest.mark.parametrize("d,fragment", [

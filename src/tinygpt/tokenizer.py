@@ -18,6 +18,7 @@ model.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from functools import cached_property
@@ -51,7 +52,12 @@ class Tokenizer(Protocol):
 
     def token_bytes(self, token: int) -> bytes: ...
 
+    def token_text(self, token: int) -> str: ...
+
     def text_decoder(self) -> TextDecoder: ...
+
+    @property
+    def fingerprint(self) -> str: ...
 
     def to_dict(self) -> dict: ...
 
@@ -71,6 +77,10 @@ class TextDecoder:
     def push(self, token: int) -> str:
         """The characters completed by ``token`` (maybe none)."""
         return self._utf8.decode(self._bytes(int(token)))
+
+    def push_many(self, tokens: Iterable[int]) -> str:
+        """The characters completed by several tokens at once."""
+        return self._utf8.decode(b"".join(self._bytes(int(t)) for t in tokens))
 
     def flush(self) -> str:
         """What is left at the end of the stream: an incomplete character becomes U+FFFD."""
@@ -136,6 +146,13 @@ class CharTokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         return self.chars[token].encode("utf-8")
+
+    def token_text(self, token: int) -> str:
+        return self.chars[token]
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.to_dict())
 
     def text_decoder(self) -> TextDecoder:
         return TextDecoder(self)
@@ -299,8 +316,17 @@ class BPETokenizer:
         table = self._token_bytes
         return table[token] if 0 <= token < len(table) else b""
 
+    def token_text(self, token: int) -> str:
+        """The token as text for display (logprobs): bytes that are only part of a character
+        are written as ``\\xNN``, as OpenAI's API shows them."""
+        return self.token_bytes(token).decode("utf-8", errors="backslashreplace")
+
     def decode(self, ids: Iterable[int]) -> str:
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.to_dict())
 
     def text_decoder(self) -> TextDecoder:
         return TextDecoder(self)
@@ -326,6 +352,11 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size})"
 
 
+def _fingerprint(description: dict) -> str:
+    """A short hash that identifies a tokenizer (token caches are keyed by it)."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
     """The tokenizer a checkpoint or token cache describes (``to_dict`` of either kind)."""
     kind = d.get("kind") if isinstance(d, dict) else None
@@ -339,18 +370,47 @@ def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
     )
 
 
+def _safe_cut(text: str, start: int, end: int) -> int:
+    """The last index ``i`` in ``(start, end)`` just after a newline with a non-space character on
+    both sides (``x\ny`` cut as ``x\n`` + ``y``), or -1. GPT-2's byte-level pre-tokenizer splits
+    text into words before merging, and it always splits there in the same way, whatever comes
+    before or after: encoding the two sides separately gives the same tokens as encoding the
+    whole."""
+    cut = text.rfind("\n", start + 1, end - 1)
+    while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+        cut = text.rfind("\n", start + 1, cut)
+    return cut + 1 if cut > start else -1
+
+
 def iter_chunks(text: str, size: int = 1 << 20) -> Iterator[str]:
-    """``text`` in pieces of about ``size`` characters, each cut just after a newline that a
-    non-space character follows, where there is one. Byte-level BPE splits text into words
-    before merging, and such a place is always a word boundary: encoding the pieces one by one
-    gives the same tokens as encoding the whole text."""
+    """``text`` in pieces of about ``size`` characters, cut where ``_safe_cut`` finds a place
+    (else at ``size``): byte-level BPE encodes the pieces one by one into the same tokens as the
+    whole."""
     start = 0
     while start < len(text):
         end = min(len(text), start + size)
         if end < len(text):
-            cut = text.rfind("\n", start, end - 1)
-            while cut > start and text[cut + 1].isspace():
-                cut = text.rfind("\n", start, cut)
-            end = cut + 1 if cut > start else end
+            cut = _safe_cut(text, start, end)
+            end = cut if cut > 0 else end
         yield text[start:end]
         start = end
+
+
+def rechunk(pieces: Iterable[str], size: int = 1 << 20) -> Iterator[str]:
+    """Pieces of a text stream (of any sizes) re-cut into chunks of about ``size`` characters at
+    the places ``iter_chunks`` uses, so that encoding them one by one gives the tokens of the
+    whole stream. A stretch with no such place grows up to 16 x ``size`` and is then cut anyway
+    (where a word may be split)."""
+    buffer = ""
+    for piece in pieces:
+        buffer += piece
+        while len(buffer) >= size:
+            cut = _safe_cut(buffer, 0, len(buffer))
+            if cut <= 0:
+                if len(buffer) < 16 * size:
+                    break
+                cut = len(buffer)
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if buffer:
+        yield buffer
