@@ -103,7 +103,10 @@ CASES = [
      "stream_options"),
     ("echo string", body(echo="no"), 400, "echo"),
     # parts of the OpenAI API this server does not implement
-    ("logprobs", body(logprobs=5), 400, "logprobs"),
+    ("logprobs above 5", body(logprobs=6), 400, "logprobs"),
+    ("logprobs negative", body(logprobs=-1), 400, "logprobs"),
+    ("logprobs wrong type", body(logprobs=True), 400, "logprobs"),
+    ("logprobs as a number", body(logprobs=2.0), 400, "logprobs"),
     ("best_of", body(best_of=3), 400, "best_of"),
     ("presence_penalty", body(presence_penalty=0.5), 400, "presence_penalty"),
     ("logit_bias", body(logit_bias={"5": 10}), 400, "logit_bias"),

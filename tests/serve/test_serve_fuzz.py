@@ -53,7 +53,7 @@ def valid_fields(vocab: str) -> dict:
         "stream": st.booleans(),
         "echo": st.booleans(),
         "user": st.text(max_size=10),
-        "logprobs": st.none(),
+        "logprobs": st.none() | st.integers(0, 5),
         "best_of": st.none(),
         "presence_penalty": st.sampled_from([0, 0.0, None]),
         "frequency_penalty": st.sampled_from([0, 0.0, None]),

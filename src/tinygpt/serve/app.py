@@ -35,9 +35,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from tinygpt.engine import Engine
+from tinygpt.serve.logprobs import as_openai
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.protocol import ApiError, Completion, check_completion, parse_json
-from tinygpt.serve.scheduler import Job, QueueFull, Scheduler, SchedulerClosed, WorkerFailed
+from tinygpt.serve.scheduler import (
+    Event,
+    Job,
+    QueueFull,
+    Scheduler,
+    SchedulerClosed,
+    WorkerFailed,
+)
 from tinygpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("tinygpt.serve")
@@ -357,7 +365,7 @@ async def _collect(job: Job, queue: asyncio.Queue, scheduler: Scheduler) -> Base
         item = await _next(queue, scheduler)
         if isinstance(item, BaseException):
             return item
-        left -= sum(1 for _, _, finish in item if finish)
+        left -= sum(1 for event in item if event.finish)
     return None
 
 
@@ -382,42 +390,62 @@ async def _respond(request: Request, job: Job, spec: Completion, queue: asyncio.
     error = collect.result()
     if error is not None:
         raise _server_error(error)
-    choices = [
-        {"text": (spec.prompts[c.index // spec.n] if spec.echo else "") + c.text,
-         "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
-        for c in job.choices
-    ]
+    choices = []
+    for c in job.choices:
+        prompt = spec.prompts[c.index // spec.n]
+        logprobs = None
+        if spec.logprobs is not None:  # one character is one token
+            entries = (c.prompt_entries or []) + c.entries[: len(c.text)]
+            logprobs = as_openai(entries, 0 if spec.echo else len(prompt))
+        choices.append({"text": (prompt if spec.echo else "") + c.text, "index": c.index,
+                        "logprobs": logprobs, "finish_reason": c.finish_reason})
     return JSONResponse({**meta, "choices": choices, "usage": _usage(job, spec)})
+
+
+def _merge(first: Event | None, then: Event) -> Event:
+    """One event for two consecutive events of the same choice."""
+    if first is None:
+        return then
+    logprobs = None if then.logprobs is None else (first.logprobs or []) + then.logprobs
+    return Event(then.index, first.text + then.text, then.finish or first.finish, logprobs)
 
 
 async def _stream(job: Job, spec: Completion, queue: asyncio.Queue, meta: dict,
                   scheduler: Scheduler):
-    """Server-sent events: one ``data: {chunk}`` per choice with new text, then ``[DONE]``."""
+    """Server-sent events: one ``data: {chunk}`` per choice with new text, then ``[DONE]``.
 
-    def chunk(index: int, text: str, finish: str | None) -> str:
-        choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+    With ``logprobs``, each chunk carries the entries of its own characters. An echoed prompt
+    is sent first; with ``logprobs`` it comes from the worker, which scores it.
+    """
+    # where each choice's next character is, counted from the start of its prompt
+    offset = [0 if spec.echo else len(spec.prompts[c.index // spec.n]) for c in job.choices]
+
+    def chunk(index: int, text: str, finish: str | None, entries: list | None) -> str:
+        logprobs = None
+        if entries is not None:
+            logprobs = as_openai(entries, offset[index])
+            offset[index] += len(entries)
+        choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
         return _sse({**meta, "choices": [choice]})
 
     try:
-        if spec.echo:
+        if spec.echo and spec.logprobs is None:
             for c in job.choices:
-                yield chunk(c.index, spec.prompts[c.index // spec.n], None)
+                yield chunk(c.index, spec.prompts[c.index // spec.n], None, None)
         left = len(job.choices)
         while left:
             items = [await _next(queue, scheduler), *_drain(queue)]  # merge what piled up
-            merged: dict[int, list] = {}
+            merged: dict[int, Event] = {}
             error = None
             for item in items:
                 if isinstance(item, BaseException):
                     error = item
                     break
-                for index, text, finish in item:
-                    entry = merged.setdefault(index, ["", None])
-                    entry[0] += text
-                    entry[1] = finish or entry[1]
-            for index, (text, finish) in merged.items():
-                yield chunk(index, text, finish)
-                left -= finish is not None
+                for event in item:
+                    merged[event.index] = _merge(merged.get(event.index), event)
+            for event in merged.values():
+                yield chunk(event.index, event.text, event.finish, event.logprobs)
+                left -= event.finish is not None
             if error is not None:
                 yield _sse(_server_error(error).body())
                 return

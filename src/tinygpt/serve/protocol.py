@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tinygpt.generate import SamplingConfig
+from tinygpt.serve.logprobs import MAX_LOGPROBS
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.scheduler import GenerationParams
 from tinygpt.tokenizer import CharTokenizer
@@ -72,8 +73,8 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool | None = None
     user: str | None = None
+    logprobs: int | None = None  # report log-probabilities with this many alternatives
     # Part of the OpenAI API but not implemented: accepted only at values that change nothing.
-    logprobs: int | None = None
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -95,7 +96,7 @@ EXPECTED = {
     "stream_options": "an object like {\"include_usage\": true}",
     "echo": "a boolean",
     "user": "a string",
-    "logprobs": "null",
+    "logprobs": "an integer",
     "best_of": "an integer",
     "presence_penalty": "a number",
     "frequency_penalty": "a number",
@@ -180,6 +181,7 @@ class Completion:
     stream: bool
     include_usage: bool
     echo: bool
+    logprobs: int | None
 
 
 def _number(req: CompletionRequest, name: str) -> float | None:
@@ -235,6 +237,8 @@ def check_completion(
     if top_k is not None:
         _int_range(top_k, "top_k", 0, tokenizer.vocab_size, " (0 turns it off)")
     seed = None if req.seed is None else _int_range(req.seed, "seed", INT64_MIN, INT64_MAX)
+    if req.logprobs is not None:
+        _int_range(req.logprobs, "logprobs", 0, MAX_LOGPROBS)
 
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > limits.max_stop:
@@ -266,10 +270,11 @@ def check_completion(
         top_k=top_k or None,
         top_p=top_p if top_p is not None and top_p < 1 else None,
     )
-    params = GenerationParams(max_tokens, sampling, tuple(dict.fromkeys(stops)), seed)
+    params = GenerationParams(max_tokens, sampling, tuple(dict.fromkeys(stops)), seed,
+                              req.logprobs, bool(req.echo) and req.logprobs is not None)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return Completion(prompts, prompt_ids, n, params, bool(req.stream), include_usage,
-                      bool(req.echo))
+                      bool(req.echo), req.logprobs)
 
 
 def _unsupported(req: CompletionRequest, n: int) -> None:
@@ -277,8 +282,6 @@ def _unsupported(req: CompletionRequest, n: int) -> None:
         raise invalid(f"'{name}' is not supported by this server ({what})", name,
                       "unsupported_parameter")
 
-    if req.logprobs is not None:
-        refuse("logprobs", "leave it out or send null")
     if req.best_of is not None and req.best_of != n:
         refuse("best_of", "leave it out or set it equal to n")
     for name in ("presence_penalty", "frequency_penalty"):

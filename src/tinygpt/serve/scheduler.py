@@ -6,7 +6,8 @@ time. Each sequence samples with its own ``torch.Generator``, so a seeded reques
 same text whichever other requests share its batch.
 
 The worker talks to the web server through a ``sink`` per request, called from the worker thread
-with either a list of events ``(choice_index, text, finish_reason)`` or an exception.
+with either a list of ``Event``s (a choice's new text, finish reason, log-probabilities) or an
+exception.
 
 Failures stay where they happen: a sequence whose step or sampling raises fails its own request
 (the others in the batch go on), and should the worker thread itself die, every waiting request
@@ -22,16 +23,26 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from tinygpt.engine import Engine, SeqState, TextStream
 from tinygpt.generate import SamplingConfig, sample_next
+from tinygpt.serve.logprobs import TokenLogprob, score, score_prompt
 from tinygpt.tokenizer import CharTokenizer
 
 log = logging.getLogger("tinygpt.serve")
 
-Event = tuple[int, str, "str | None"]  # (choice index, new text, finish reason or None)
+class Event(NamedTuple):
+    """New text of one choice: ``logprobs`` has one entry per character of ``text`` (if asked)."""
+
+    index: int
+    text: str
+    finish: str | None = None  # "stop", "length", or None while the choice runs
+    logprobs: list[TokenLogprob] | None = None
+
+
 Sink = Callable[["list[Event] | BaseException"], None]
 
 
@@ -62,6 +73,8 @@ class GenerationParams:
     sampling: SamplingConfig
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # report log-probabilities with this many alternatives
+    score_prompt: bool = False  # also the prompt's (echo with logprobs)
 
 
 class Choice:
@@ -75,6 +88,9 @@ class Choice:
         self.state: SeqState | None = None
         self.stream = TextStream(job.params.stop)  # the text, cut before a stop string
         self.unsent = ""  # text released by ``stream`` and not yet sent
+        self.entries: list[TokenLogprob] = []  # one per generated character, with logprobs
+        self.sent = 0  # characters sent so far
+        self.prompt_entries: list[TokenLogprob] | None = None  # echo with logprobs
         self.num_tokens = 0
         self.finish_reason: str | None = None
 
@@ -97,10 +113,15 @@ class Choice:
         self.unsent += self.stream.finish()
         self.finish_reason = reason
 
-    def take_text(self) -> str:
-        """The text that is safe to send now (everything but a possible stop string start)."""
+    def take(self) -> Event:
+        """An event with the text that is safe to send now (all but a possible stop string
+        start), and its characters' log-probabilities if the request asked for them."""
         text, self.unsent = self.unsent, ""
-        return text
+        entries = None
+        if self.job.params.logprobs is not None:  # one character is one token
+            entries = self.entries[self.sent : self.sent + len(text)]
+        self.sent += len(text)
+        return Event(self.index, text, self.finish_reason, entries)
 
 
 class Job:
@@ -255,17 +276,32 @@ class Scheduler:
                 self._active_count = len(active)
             for job in dropped:  # waited in the queue until the time ran out (or the client left)
                 if not job.cancelled:
-                    job.sink([(c.index, "", "length") for c in job.choices])
+                    job.sink([Event(c.index, "", "length", [] if job.params.logprobs is not None
+                                    else None) for c in job.choices])
             for job in admitted:
                 job.admitted_at = now
                 try:
-                    for c in job.choices:
-                        c.state = self.engine.new_sequence(c.prompt_ids)
+                    self._start(job)
                 except Exception as e:  # noqa: BLE001 - reported to the client
                     self._fail(job, e)
             self._active = self._step(active)
         for job in leftover:
             self._fail(job, SchedulerClosed("the server is shutting down"))
+
+    def _start(self, job: Job) -> None:
+        """Make the engine's sequences of a newly admitted request (and score its prompts)."""
+        scored: dict[tuple[int, ...], list[TokenLogprob]] = {}
+        for c in job.choices:
+            c.state = self.engine.new_sequence(c.prompt_ids)
+            if job.params.score_prompt:
+                key = tuple(c.prompt_ids)
+                if key not in scored:
+                    scored[key] = score_prompt(self.engine, c.prompt_ids, job.params.logprobs,
+                                               self.chars)
+                c.prompt_entries = scored[key]
+        if job.params.score_prompt:  # a stream sends the echoed prompt with its entries first
+            job.sink([Event(c.index, "".join(self.chars[i] for i in c.prompt_ids), None,
+                            c.prompt_entries) for c in job.choices])
 
     def _step(self, active: list[Choice]) -> list[Choice]:
         """Drop finished sequences, decode one token for the rest; returns those still running."""
@@ -278,7 +314,7 @@ class Scheduler:
                 continue
             if now >= job.deadline:  # out of time: the text ends here, like max_tokens
                 c.end("length")
-                events.setdefault(job, []).append((c.index, c.take_text(), "length"))
+                events.setdefault(job, []).append(c.take())
                 continue
             running.append(c)
         if running:
@@ -293,9 +329,9 @@ class Scheduler:
                     log.error("decoding a sequence failed: %r", e)
                     self._fail(c.job, e)
                     continue
-                text = c.take_text()
-                if text or c.finish_reason:
-                    events.setdefault(c.job, []).append((c.index, text, c.finish_reason))
+                event = c.take()
+                if event.text or event.finish:
+                    events.setdefault(c.job, []).append(event)
             running = [c for c in running if not c.job.cancelled]
             self.steps += 1
             self.tokens += len(running)
@@ -334,8 +370,11 @@ class Scheduler:
 
     def _sample(self, c: Choice, logits: torch.Tensor) -> None:
         """Draw the next token of ``c`` from its logits (V,) and record it."""
-        token = int(sample_next(logits[None], c.job.params.sampling, c.generator)[0])
+        params = c.job.params
+        token = int(sample_next(logits[None], params.sampling, c.generator)[0])
         self.engine.append(c.state, token)
+        if params.logprobs is not None:
+            c.entries.append(score(logits, token, params.logprobs, self.chars))
         c.add(self.chars[token])
 
     @staticmethod

@@ -1,0 +1,97 @@
+"""Log-probabilities of characters, as the OpenAI Completions API reports them (``logprobs``).
+
+At every position the model gives a distribution over the next character. A request with
+``logprobs: k`` gets, for every character of its text, the log-probability the model gave it and
+the ``k`` most likely characters at that point with theirs (plus the chosen one, so a dict holds
+up to ``k + 1`` entries). These are the model's own log-probabilities, ``log_softmax(logits)``:
+before temperature, top-k and top-p reshape the distribution for sampling, so they say how sure
+the model was, whatever the sampling settings.
+
+One token is one character here, so token ``i`` of a text is its character ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from tinygpt.engine import Engine
+from tinygpt.generate import slide_window
+
+MAX_LOGPROBS = 5  # the most alternatives a request may ask for, as in OpenAI's API
+
+
+class TokenLogprob(NamedTuple):
+    """One position: the character, its log-probability and the most likely alternatives.
+
+    The first character of an echoed prompt has nothing before it: ``logprob`` and ``top`` are
+    None there, as in OpenAI's API.
+    """
+
+    token: str
+    logprob: float | None
+    top: dict[str, float] | None
+
+
+def score(logits: torch.Tensor, token: int, k: int, chars: Sequence[str]) -> TokenLogprob:
+    """The entry for ``token`` chosen after next-token ``logits`` (V,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+    values, ids = logp.topk(min(k, logp.numel()))
+    top = {chars[i]: v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
+    chosen = chars[token]
+    top.setdefault(chosen, float(logp[token]))  # the chosen character is always listed
+    return TokenLogprob(chosen, float(logp[token]), top)
+
+
+@torch.inference_mode()
+def prompt_logits(engine: Engine, ids: Sequence[int]) -> torch.Tensor:
+    """Next-token logits (T - 1, V) at each position of a prompt: row n - 1 predicts ``ids[n]``.
+
+    Each position sees the window that generation would give it (``slide_window`` with the
+    engine's block size and shift), so scoring a text and generating it agree. Positions that
+    share a window are computed in one forward pass.
+    """
+    model, bs, shift = engine.model, engine.block_size, engine.window_shift
+    idx = torch.tensor(ids, dtype=torch.long, device=engine.device)
+    out = torch.empty(len(ids) - 1, engine.vocab_size)
+    windows: dict[int, list[int]] = {}  # window start -> [first, last] n that use it
+    start = 0
+    for n in range(1, len(ids)):  # predict ids[n] from ids[:n]
+        start = slide_window(start, n, bs, shift)
+        windows.setdefault(start, [n, n])[1] = n
+    was_training = model.training
+    model.eval()
+    try:
+        for start, (first, last) in windows.items():
+            logits, _ = model(idx[None, start:last])  # (1, last - start, V); j predicts start+j+1
+            out[first - 1 : last] = logits[0, first - 1 - start :].float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score_prompt(engine: Engine, ids: Sequence[int], k: int, chars: Sequence[str]
+                 ) -> list[TokenLogprob]:
+    """The entries of every character of a prompt (the first has none: nothing precedes it)."""
+    entries = [TokenLogprob(chars[ids[0]], None, None)]
+    if len(ids) > 1:
+        logits = prompt_logits(engine, ids)
+        entries += [score(logits[n - 1], ids[n], k, chars) for n in range(1, len(ids))]
+    return entries
+
+
+def as_openai(entries: Sequence[TokenLogprob], offset: int) -> dict:
+    """The ``logprobs`` object of a choice (or of a streamed chunk of it).
+
+    ``offset`` is the position of the first entry's character counted from the start of the
+    prompt (OpenAI's ``text_offset``): 0 for an echoed prompt, the prompt's length for the
+    first generated character.
+    """
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [e.top for e in entries],
+        "text_offset": list(range(offset, offset + len(entries))),
+    }
