@@ -142,7 +142,7 @@ def _estimate_steps(cfg: TrainConfig, data: str, budget: float) -> int:
     from tinygpt.data import load_corpus
     from tinygpt.device import autocast_dtype
     from tinygpt.models import build_model
-    from tinygpt.train import configure_optimizer
+    from tinygpt.runs import configure_optimizer
 
     corpus = load_corpus(data)
     model = build_model(cfg.model, cfg.model_config(corpus.tokenizer.vocab_size))

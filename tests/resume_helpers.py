@@ -82,7 +82,7 @@ def start_tinygpt(*args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> int:
+def wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
     """Wait until metrics.jsonl reports ``step`` or later; returns the step seen."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

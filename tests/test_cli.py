@@ -198,3 +198,15 @@ def test_unknown_checkpoint_version_via_cli(trained, cli, tmp_path):
     proc = cli("sample", copy)
     assert proc.returncode == 2 and "format version 42" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "serve"])
+@pytest.mark.parametrize("device", ["gpu", "cuda:99"])
+def test_every_command_checks_the_device_name_in_one_line(tmp_path, capsys, command, device):
+    """One check for every command: an unknown name, or a CUDA device this machine lacks."""
+    from tinygpt.cli import main
+
+    where = [] if command == "train" else [str(tmp_path)]
+    assert main([command, *where, "--device", device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "device" in err[0] and "Traceback" not in err[0]

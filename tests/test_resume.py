@@ -278,3 +278,42 @@ def test_killed_in_the_middle_of_a_batch_warmup_and_resumed_ends_bitwise_identic
     assert main_in_process("train", "--resume", tmp_path / "run") == 0
     assert weights_digest(tmp_path / "run") == weights_digest(tmp_path / "ref")
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(small_text, tmp_path, capsys):
+    """Killed in the middle of the first save (nothing complete on disk), the same command with
+    --resume starts the run again with the settings it was started with (config.json), says so
+    in one line, and ends like a run that was never killed."""
+    ref = tmp_path / "ref"
+    train_in_process(small_text, ref)
+    run = tmp_path / "run"
+    proc = run_tinygpt("train", *flags(tiny_settings(small_text, run)), fault="model.safetensors@0")
+    assert proc.returncode == -signal.SIGKILL
+    assert list_step_dirs(run) == [] and (run / "config.json").is_file()
+    assert main_in_process("train", "--resume", run) == 0
+    assert "holds no checkpoint yet: starting the run from step 0" in capsys.readouterr().err
+    assert weights_digest(run) == weights_digest(ref)
+    assert losses(run) == losses(ref)
+
+
+def test_resume_of_a_missing_run_directory_is_refused_in_one_line(tmp_path, capsys):
+    assert main_in_process("train", "--resume", tmp_path / "nowhere") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such run directory" in err[0] and "--out" in err[0]
+
+
+def test_save_every_saves_between_evaluations_and_a_kill_there_resumes_exactly(small_text, tmp_path):
+    """With --save-every far below a step's time, every step is saved although the run evaluates
+    only at its start and end: a kill at step 17 loses one step, and the resumed run ends bitwise
+    identical to one never killed."""
+    timed = dict(eval_interval=1000, save_every="1ms")
+    ref = tmp_path / "ref"
+    train_in_process(small_text, ref, **timed)
+    run = tmp_path / "run"
+    proc = run_tinygpt("train", *flags(tiny_settings(small_text, run, **timed)), fault="step@17")
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / "last").resolve().name == "step-000016"
+    assert main_in_process("train", "--resume", run) == 0
+    assert weights_digest(run) == weights_digest(ref)
+    assert losses(run) == losses(ref)
+    assert logged_steps(run) == [0, 40]  # saves that are not evaluations add no metrics lines

@@ -1,0 +1,566 @@
+"""The run machinery around the training loop: everything that makes a run a *run*.
+
+- the run directory: created, locked against a second process, its settings in ``config.json``
+  from the start, ``metrics.jsonl`` cut back to the checkpoint on resume;
+- ``--resume``: the newest complete checkpoint, the run's own settings, the same text; a run with
+  no checkpoint yet simply starts (as a job scheduler re-running the same command expects);
+- ``--init-from``: another run's weights with a new optimizer and schedule;
+- every random state (Python, numpy, torch, the batch generator), captured and restored;
+- signals: the first SIGINT/SIGTERM asks the loop to save and stop, a second aborts;
+- ``Run``: the model, optimizer, corpus and batches a training run is made of, built from a
+  ``TrainConfig`` (and a checkpoint to continue).
+
+The loop itself lives in ``tinygpt.train`` and reads only ``Run`` and its own state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tinygpt.checkpoint import (
+    Checkpoint,
+    TrainingCheckpoint,
+    Warn,
+    atomic_write,
+    find_checkpoint,
+    list_step_dirs,
+    load_checkpoint,
+    load_training_checkpoint,
+    point_link,
+    prune_checkpoints,
+    read_state,
+    step_dir_name,
+    sweep_partials,
+    warn_stderr,
+)
+from tinygpt.config import TrainConfig
+from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
+from tinygpt.device import autocast_dtype, mps_available, pick_device
+from tinygpt.errors import TinyGPTError, TrainingInterrupted
+from tinygpt.files import write_json
+from tinygpt.models import GPTConfig, build_model, make_config
+from tinygpt.optim import CombinedOptimizer, build_optimizer
+from tinygpt.tokenizer import CharTokenizer
+
+RUN_CONFIG = "config.json"  # the run's settings, written when it starts
+
+# Settings that --resume may change: none of them changes what a step computes beyond rounding
+# (device and compile reorder float arithmetic; max_steps and max_time do re-stretch the cosine
+# schedule over the new length -- that is what extending means).
+RESUME_MAY_CHANGE = (
+    "max_steps", "max_time", "device", "compile", "eval_interval", "save_every", "sample_chars",
+    "keep",
+)
+# With --init-from the model's shape comes from the source checkpoint (and must match if given);
+# dropout and causal default to the source's values but may be changed for fine-tuning.
+INIT_DEFAULT_KEYS = {"gpt": ("dropout", "attn_dropout", "causal"), "bigram": ()}
+INIT_SHAPE_KEYS = {
+    "gpt": tuple(f.name for f in fields(GPTConfig)
+                 if f.name != "vocab_size" and f.name not in INIT_DEFAULT_KEYS["gpt"]),
+    "bigram": (),
+}
+_GPT_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # for checkpoints older than a field
+
+
+def saved_model_config(state: dict) -> dict:
+    """The model config a checkpoint's ``state.json`` describes, in today's spelling: fields added
+    since it was written take their defaults, older spellings (``qk_norm`` true/false) are read
+    as they were meant."""
+    mc = dict(state.get("model_config") or {})
+    if state.get("model") != "gpt":
+        return mc
+    try:
+        return make_config("gpt", {**_GPT_DEFAULTS, **mc}).to_dict()
+    except (TypeError, ValueError):
+        return mc  # an invalid description is reported where the weights are loaded
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
+    """The optimizer ``cfg`` asks for (see ``tinygpt.optim``)."""
+    return build_optimizer(
+        model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+    )
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def data_record(cfg: TrainConfig, corpus: Corpus) -> dict:
+    spec = cfg.data
+    if not (spec in BUILTIN_DATASETS and not Path(spec).exists()):
+        spec = str(Path(spec).expanduser().resolve())
+    return {
+        "spec": spec,
+        "fingerprint": corpus.fingerprint,
+        "encoding_errors": cfg.encoding_errors,
+        "num_tokens": len(corpus.tokens),
+    }
+
+
+# ------------------------------------------------------------------------------- random states
+
+
+def capture_rng(batch_gen: torch.Generator) -> dict:
+    """Every random state a run draws from: Python, numpy, torch (CPU, CUDA, MPS), the batches."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
+        },
+        "torch_cpu": torch.get_rng_state(),
+        "batch_gen": batch_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # else it was never drawn from
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    if mps_available():
+        state["torch_mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict, batch_gen: torch.Generator) -> None:
+    """Undo ``capture_rng``: the next random draws are the ones the saved run would have made."""
+    try:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
+        torch.set_rng_state(state["torch_cpu"])
+        batch_gen.set_state(state["batch_gen"])
+        cuda = state.get("torch_cuda")
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cuda is not None and n_cuda and len(cuda) == n_cuda:
+            torch.cuda.set_rng_state_all(cuda)
+        mps = state.get("torch_mps")
+        if mps is not None and mps_available():
+            torch.mps.set_rng_state(mps)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise TinyGPTError(f"the checkpoint's random states cannot be restored: {e}") from None
+
+
+# ---------------------------------------------------------------------------- the run directory
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` so that two processes never write checkpoints into one run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TinyGPTError(
+                f"another tinygpt process is training in {run_dir}; wait for it or stop it first"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    names = ("last", "best", "metrics.jsonl", "loss.png")
+    existing = [run_dir / n for n in names if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    existing += [p for _, p in list_step_dirs(run_dir)]
+    if existing and not overwrite:
+        raise TinyGPTError(
+            f"{run_dir} already holds a run; choose another --out, pass --overwrite to replace it, "
+            f"or continue it with --resume {run_dir}"
+        )
+    for p in existing:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    sweep_partials(run_dir)
+
+
+def truncate_metrics(path: Path, step: int, record: dict | None) -> None:
+    """Keep the lines of ``metrics.jsonl`` before ``step`` (and ``record`` for ``step`` itself).
+
+    Lines past the checkpoint came from the part of the run that is being redone; a line cut
+    short by a crash ends the kept part.
+    """
+    kept: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            s = json.loads(line)["step"]
+        except (ValueError, TypeError, KeyError):
+            break
+        if not isinstance(s, int) or s >= step:
+            break
+        kept.append(line)
+    if record is not None:
+        kept.append(json.dumps(record))
+    text = "".join(x + "\n" for x in kept)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def prepare_resume_dir(
+    run_dir: Path, ckpt: TrainingCheckpoint, keep: int, warn: Warn
+) -> None:
+    sweep_partials(run_dir)
+    for s, p in list_step_dirs(run_dir):
+        if s > ckpt.step:  # newer than the newest usable checkpoint: it failed to load
+            dest = p.with_name(p.name + ".damaged")
+            i = 1
+            while dest.exists():
+                i += 1
+                dest = p.with_name(f"{p.name}.damaged{i}")
+            os.replace(p, dest)
+            warn(f"moved the unusable checkpoint {p} aside to {dest.name}")
+    point_link(run_dir, "last", ckpt.path.name)
+    best_step = ckpt.state.get("best_step")
+    best = run_dir / "best"
+    if best_step is not None and (run_dir / step_dir_name(best_step)).is_dir():
+        point_link(run_dir, "best", step_dir_name(best_step))
+    elif best.is_symlink() and not best.exists():
+        best.unlink()
+    protect = {ckpt.step} if best_step is None else {ckpt.step, best_step}
+    prune_checkpoints(run_dir, keep, protect)
+    truncate_metrics(run_dir / "metrics.jsonl", ckpt.step,
+                      ckpt.state.get("metrics") if ckpt.state.get("evaluated") else None)
+
+
+# ----------------------------------------------------------------------- resume and --init-from
+
+
+def prepare_resume(
+    run_dir: Path, given: dict | None = None, warn: Warn | None = None
+) -> tuple[TrainConfig, TrainingCheckpoint | None]:
+    """The configuration and checkpoint to continue the run in ``run_dir``.
+
+    The run's own saved configuration is used. ``given`` (flags and TOML settings) may change only
+    the settings in ``RESUME_MAY_CHANGE``; ``data`` may name the same text at a new place (its
+    fingerprint must match); any other setting must equal the saved one.
+
+    A run stopped before its first checkpoint has nothing to continue: it starts again from step 0
+    with its settings from ``config.json`` (or, if it never got that far, the ones given), and the
+    checkpoint returned is None.
+    """
+    warn = warn or warn_stderr
+    run_dir = Path(run_dir)
+    given = dict(given or {})
+    if given.pop("overwrite", False):
+        raise TinyGPTError("--overwrite and --resume contradict each other; pass one of them")
+    if given.pop("init_from", None):
+        raise TinyGPTError(
+            "--init-from starts a new run and --resume continues one; pass one of them"
+        )
+    out = given.pop("out", None)
+    if out is not None and Path(out).expanduser().resolve() != run_dir.resolve():
+        raise TinyGPTError(f"--out {out} is not the run being resumed ({run_dir}); leave --out out")
+    if not run_dir.is_dir():
+        raise TinyGPTError(
+            f"--resume {run_dir}: no such run directory; start the run with --out {run_dir}"
+        )
+    if not has_checkpoint(run_dir):
+        warn(f"{run_dir} holds no checkpoint yet: starting the run from step 0")
+        saved = read_run_config(run_dir)
+        if saved is None:
+            return TrainConfig.resolve({**given, "out": str(run_dir), "overwrite": True}), None
+        cfg = _resumed_config(run_dir, saved, given, saved.get("data"))
+        return dataclasses.replace(cfg, overwrite=True), None
+    ckpt = load_training_checkpoint(run_dir, warn)
+    cfg = _resumed_config(run_dir, ckpt.state["train_config"], given, ckpt.state["data"]["spec"])
+    if cfg.max_steps is not None and cfg.max_steps < ckpt.step:
+        raise TinyGPTError(
+            f"--max-steps {cfg.max_steps} is below the step of the checkpoint ({ckpt.step}); "
+            f"give a larger --max-steps to train further"
+        )
+    return cfg, ckpt
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds any checkpoint (usable or not) to resume from."""
+    return bool(list_step_dirs(run_dir)) or (run_dir / "last").exists()
+
+
+def _resumed_config(run_dir: Path, saved: dict, given: dict, data_spec: str | None) -> TrainConfig:
+    """``saved`` settings, with the changes ``given`` may make on resume (and no others)."""
+    # A setting added since the run was saved had its default value in that run.
+    known = {f.name: f.default for f in fields(TrainConfig)}
+    saved = {**known, **saved}
+    given = dict(given)
+    data = given.pop("data", None)
+    allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
+    for key, value in given.items():
+        if key in RESUME_MAY_CHANGE:
+            continue
+        if key not in known:
+            raise TinyGPTError(f"unknown setting {key!r}")
+        if value != saved[key]:
+            raise TinyGPTError(
+                f"{_flag(key)} {value} differs from the run's {key} = {saved[key]!r}; --resume "
+                f"continues a run as it was configured (only {allowed} and --data for the same "
+                f"text may be given); to start a new run from its weights use --init-from {run_dir}"
+            )
+    merged = {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
+    merged.update(out=str(run_dir), overwrite=False, init_from=saved.get("init_from"))
+    merged["data"] = data if data is not None else (data_spec or saved["data"])
+    try:
+        return TrainConfig(**merged)
+    except (TypeError, ValueError) as e:
+        raise TinyGPTError(
+            f"the settings saved in {run_dir} are not understood by this tinygpt: {e}"
+        ) from None
+
+
+def write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """Record the run's settings as it starts, before any checkpoint exists."""
+    write_json(run_dir / RUN_CONFIG, cfg.to_dict())
+
+
+def read_run_config(run_dir: Path) -> dict | None:
+    """The settings ``write_run_config`` recorded, or None if there are none (or unreadable)."""
+    try:
+        saved = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
+    """``settings`` with the model kind and shape taken from the ``init_from`` checkpoint.
+
+    A shape setting given explicitly must match the checkpoint's.
+    """
+    source = Path(settings["init_from"])
+    state = read_state(find_checkpoint(source, "best", warn))
+    kind, mc = state.get("model"), saved_model_config(state)
+    if settings.get("model", kind) != kind:
+        raise TinyGPTError(f"--model {settings['model']} does not match {source}, a {kind} model")
+    out = {**settings, "model": kind}
+    for key in INIT_SHAPE_KEYS.get(kind, ()):
+        value = mc.get(key, _GPT_DEFAULTS[key])
+        if key in settings and settings[key] != value:
+            raise TinyGPTError(
+                f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
+                f"{value!r}; --init-from keeps the model's architecture"
+            )
+        out[key] = value
+    for key in INIT_DEFAULT_KEYS.get(kind, ()):
+        out.setdefault(key, mc.get(key, _GPT_DEFAULTS[key]))
+    return out
+
+
+def corpus_for_vocab(cfg: TrainConfig, corpus: Corpus, init: Checkpoint) -> Corpus:
+    """The corpus encoded with the vocabulary of the model being fine-tuned."""
+    if corpus.tokenizer == init.tokenizer:
+        return corpus
+    unknown = init.tokenizer.unknown_chars("".join(corpus.tokenizer.chars))
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10])
+        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        raise TinyGPTError(
+            f"{cfg.data} has {len(unknown)} character(s) that the model in {cfg.init_from} does "
+            f"not know ({shown}{more}); --init-from needs a text within the model's vocabulary"
+        )
+    return load_corpus(cfg.data, cfg.encoding_errors, tokenizer=init.tokenizer)
+
+
+def init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: Checkpoint) -> None:
+    if init.model_kind != cfg.model:
+        raise TinyGPTError(
+            f"--init-from {cfg.init_from} holds a {init.model_kind} model, not {cfg.model}"
+        )
+    mc = saved_model_config(init.state)
+    for key in ("vocab_size", *INIT_SHAPE_KEYS.get(cfg.model, ())):
+        if getattr(model_config, key) != mc.get(key, _GPT_DEFAULTS.get(key)):
+            raise TinyGPTError(
+                f"the model of {cfg.init_from} has {key} = {mc.get(key)!r}, this run "
+                f"{getattr(model_config, key)!r}; --init-from needs the same shape"
+            )
+    try:
+        model.load_state_dict(init.model.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise TinyGPTError(
+            f"the weights of {cfg.init_from} do not fit this model: {first}"
+        ) from None
+
+
+def resume_corpus(cfg: TrainConfig, ckpt: TrainingCheckpoint) -> Corpus:
+    data = ckpt.state["data"]
+    corpus = load_corpus(cfg.data, cfg.encoding_errors)
+    if corpus.fingerprint != data.get("fingerprint"):
+        raise TinyGPTError(
+            f"the text {cfg.data} is not the one the run was trained on (fingerprint "
+            f"{corpus.fingerprint[:12]}, the run's is {str(data.get('fingerprint'))[:12]}); "
+            f"--resume needs the same text -- to train on this one start a new run with "
+            f"--init-from {cfg.run_dir}"
+        )
+    tokenizer = CharTokenizer.from_dict(ckpt.state["tokenizer"])
+    if corpus.tokenizer != tokenizer:  # a fine-tuned run keeps its source model's vocabulary
+        corpus = load_corpus(cfg.data, cfg.encoding_errors, tokenizer=tokenizer)
+    return corpus
+
+
+# ------------------------------------------------------------------------------------- signals
+
+
+class SignalCatcher:
+    """First SIGINT/SIGTERM: note it (the loop saves and stops). Second: abort at once."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.signum: int | None = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, saved=False)
+        self.signum = signum
+
+    def __enter__(self) -> SignalCatcher:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def compile_errors() -> Iterator[None]:
+    """Turn a failure of torch.compile into a one-line error that says what to do."""
+    try:
+        yield
+    except Exception as e:
+        from torch._dynamo.exc import TorchDynamoException  # compile failures derive from it
+
+        if not isinstance(e, TorchDynamoException):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TinyGPTError(
+            f"torch.compile failed ({first[:200]}); train without --compile (a resumed run "
+            f"too: --resume RUN_DIR --no-compile)"
+        ) from None
+
+
+def newest_note(saved_step: int | None) -> str:
+    if saved_step is None:
+        return ""
+    return f", the newest checkpoint (step {saved_step}) is intact"
+
+
+# --------------------------------------------------------------------------------- what a run is
+
+
+@dataclass
+class Run:
+    """What a training run is made of; built once by ``build_run``, read by the loop."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    corpus: Corpus
+    model: nn.Module
+    forward: Callable  # the model, or its compiled version (same parameters)
+    optimizer: CombinedOptimizer
+    amp_dtype: torch.dtype | None  # autocast dtype of the forward pass; None: float32
+    batch_gen: torch.Generator  # draws the training batches (and only those)
+    eval_batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    base_state: dict  # what every checkpoint's state.json says about the run
+    init: Checkpoint | None = None  # the --init-from source
+    log: Callable[[str], None] = print
+
+
+def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
+              log: Callable[[str], None] = print) -> Run:
+    """Data, model and optimizer for ``cfg``; from ``resume``'s checkpoint when continuing."""
+    device = pick_device(cfg.device)
+    init = None
+    if resume is not None:
+        corpus = resume_corpus(cfg, resume)
+    else:
+        corpus = load_corpus(cfg.data, cfg.encoding_errors, glob=cfg.glob)
+        if cfg.init_from:
+            init = load_checkpoint(Path(cfg.init_from), "best", "cpu", warn)
+            corpus = corpus_for_vocab(cfg, corpus, init)
+    corpus.check_block_size(cfg.block_size)
+
+    torch.manual_seed(cfg.seed)
+    model_config = cfg.model_config(corpus.tokenizer.vocab_size)
+    model = build_model(cfg.model, model_config)
+    if init is not None:
+        init_weights_from(model, cfg, model_config, init)
+    if resume is not None:
+        _load_resumed_weights(model, cfg, model_config, resume)
+    model.to(device)
+    optimizer = configure_optimizer(model, cfg)
+    if resume is not None:
+        try:
+            optimizer.load_state_dict(resume.optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise TinyGPTError(f"the optimizer state in {resume.path} does not fit: {e}") from None
+    base_state = {
+        "model": cfg.model, "model_config": model_config.to_dict(),
+        "tokenizer": corpus.tokenizer.to_dict(), "train_config": cfg.to_dict(),
+        "data": data_record(cfg, corpus),
+    }
+    # The compiled module shares the model's parameters; evaluation, checkpoints and sampling use
+    # the plain model. Compilation happens in the first training step and counts as its time.
+    forward = torch.compile(model) if cfg.compile else model
+    return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer,
+               autocast_dtype(cfg.dtype, device), torch.Generator().manual_seed(cfg.seed),
+               _eval_batches(cfg, corpus, device), base_state, init, log)
+
+
+def _load_resumed_weights(model: nn.Module, cfg: TrainConfig, model_config, resume) -> None:
+    # Filled in with today's defaults: a field added since the checkpoint was written does not
+    # make it a different model.
+    saved_model = (resume.state["model"], saved_model_config(resume.state))
+    if saved_model != (cfg.model, model_config.to_dict()):
+        raise TinyGPTError(
+            f"the checkpoint {resume.path} holds a different model than its run's settings "
+            f"describe; it cannot be resumed"
+        )
+    model.load_state_dict(resume.weights)
+
+
+def _eval_batches(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> dict:
+    """Evaluation batches, drawn once from their own fixed seed: training draws never depend on
+    evaluation, and a resumed run evaluates on the same batches."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return {
+        split: [
+            tuple(t.to(device) for t in corpus.get_batch(split, cfg.batch_size, cfg.block_size, gen))
+            for _ in range(cfg.eval_iters)
+        ]
+        for split in ("train", "val")
+    }
