@@ -81,10 +81,8 @@ def read_toml_settings(path: str) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise TinyGPTError(f"cannot read config file {path}: {e}") from None
     known = {f.name: f for f in fields(_train_config_cls())}
-    from tinygpt.models.gpt import older_spellings
-
     out = {}
-    for key, value in older_spellings(raw).items():
+    for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
             raise TinyGPTError(f"{path}: unknown setting {key!r}")
@@ -96,6 +94,12 @@ def read_toml_settings(path: str) -> dict:
             raise TinyGPTError(f"{path}: {key} must be a {t.__name__}, got {value!r}")
         out[name] = value
     return out
+
+
+def _resume_flags() -> str:
+    from tinygpt.runs import RESUME_MAY_CHANGE
+
+    return ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", metavar="RUN_DIR",
         help="continue this run from its newest complete checkpoint, with its own settings "
-        "(only --max-steps, --max-time, --device, --compile, --eval-interval, --sample-chars, "
-        "--keep may change; --data may name the same text at a new place)",
+        f"(only {_resume_flags()} may change; --data may name the same text at a new place); "
+        "a run with no checkpoint yet starts again from step 0",
     )
     _add_train_flags(p)
 
@@ -170,7 +174,8 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tinygpt.config import TrainConfig
-    from tinygpt.train import prepare_resume, settings_for_init_from, train
+    from tinygpt.runs import prepare_resume, settings_for_init_from
+    from tinygpt.train import train
 
     settings = read_toml_settings(args.config) if args.config else {}
     settings.update(
@@ -394,6 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.allowed_host, args.checkpoint, args.device, args.access_log, args.threads,
     )
     return 0
+
 
 def _add_hf_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
