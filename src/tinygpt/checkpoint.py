@@ -55,7 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygpt.errors import TinyGPTError
-from tinygpt.files import UMASK, atomic_write, fsync_dir, sha256_file, write_json
+from tinygpt.files import atomic_write, fsync_dir, sha256_file, usual_mode, write_json
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import CharTokenizer
 
@@ -174,7 +174,7 @@ def save_checkpoint(
     parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=parent, prefix=f".{ckpt_dir.name}.partial-"))
     try:
-        os.chmod(partial, 0o777 & ~UMASK)
+        os.chmod(partial, usual_mode(0o777))
         _write_checkpoint_files(partial, weights, optimizer_state, rng_state, state)
         if ckpt_dir.exists() or ckpt_dir.is_symlink():
             _remove_tree(ckpt_dir)

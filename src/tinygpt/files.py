@@ -8,9 +8,18 @@ import os
 import tempfile
 from pathlib import Path
 
-# mkstemp creates private files; ours get the usual permissions (the umask applies).
-UMASK = os.umask(0o022)
-os.umask(UMASK)
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_mode(kind: int = 0o666) -> int:
+    """Permissions a file (0o666) or folder (0o777) gets from ``open``/``mkdir``: mkstemp and
+    mkdtemp create private ones, ours get the usual ones."""
+    return kind & ~current_umask()
 
 
 def fsync_dir(path: Path) -> None:
@@ -33,7 +42,7 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~UMASK)
+        os.chmod(tmp, usual_mode())
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

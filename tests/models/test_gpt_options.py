@@ -57,7 +57,8 @@ def test_causality(option):
     assert not torch.allclose(a[:, 9:], b[:, 9:], atol=1e-6)
 
 
-@pytest.mark.parametrize("option", OPTIONS)
+# A zero-initialised head predicts exactly uniformly: its initial loss is ln(V) by construction.
+@pytest.mark.parametrize("option", [o for o, kw in OPTIONS.items() if not kw.get("zero_init")])
 def test_initial_loss_is_near_ln_vocab_on_shakespeare(option, shakespeare):
     corpus = load_corpus("shakespeare")
     model = model_with(option, vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
