@@ -1,7 +1,13 @@
-"""Shared fixtures. Tests are hermetic: no network, and TINYGPT_HOME points into a temp dir."""
+"""Shared fixtures. Tests are hermetic: no network, and TINYGPT_HOME points into a temp dir.
+
+Bitwise comparisons depend on the thread count (it changes how sums are split): tests that compare
+across processes pin it in every process (``one_thread`` here, ``OMP_NUM_THREADS=1`` there).
+``TINYGPT_TEST_THREADS=N`` runs the whole suite, and the processes it starts, with N threads.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -12,6 +18,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
+
+
+def pytest_configure(config) -> None:
+    threads = os.environ.get("TINYGPT_TEST_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+        os.environ["OMP_NUM_THREADS"] = threads
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block with one torch thread (as subprocesses started with OMP_NUM_THREADS=1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def find_shakespeare() -> Path | None:

@@ -12,10 +12,11 @@ from tinygpt.generate import SamplingConfig, generate_tokens
 from tinygpt.models import GPT, GPTConfig
 from tinygpt.tokenizer import CharTokenizer
 
-from .conftest import SRC
+from .conftest import SRC, one_thread
 
 PROBE = """
 import json, sys, torch
+torch.set_num_threads(1)
 from tinygpt.checkpoint import load_checkpoint
 from tinygpt.generate import SamplingConfig, generate_tokens
 ck = load_checkpoint(sys.argv[1])
@@ -53,12 +54,13 @@ def set_format_version(folder, version):
 
 
 def test_round_trip_in_a_new_process_gives_identical_logits_and_greedy_text(tmp_path):
+    """Bit for bit: both processes run the same kernels with one thread each."""
     model, tok = save_tiny(tmp_path)
     idx = torch.tensor([tok.encode("hello")])
-    with torch.no_grad():
+    with one_thread(), torch.no_grad():
         logits = model(idx)[0]
-    greedy = [int(t[0]) for t in generate_tokens(model, idx, 40, SamplingConfig(0), None, 16)]
-    env = dict(os.environ, PYTHONPATH=str(SRC))
+        greedy = [int(t[0]) for t in generate_tokens(model, idx, 40, SamplingConfig(0), None, 16)]
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path)],
         capture_output=True,
