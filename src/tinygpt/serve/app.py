@@ -5,7 +5,8 @@ Routes::
     GET  /health            liveness (never needs the API key)
     GET  /v1/models         the one model served, with tinygpt details under "tinygpt"
     GET  /v1/models/{id}
-    POST /v1/completions    OpenAI Completions API (+ top_k); streams server-sent events
+    POST /v1/completions    OpenAI Completions API (+ top_k, logprobs); streams server-sent events
+    POST /v1/tinygpt/attention  the attention weights of every layer and head for a text
     GET  /                  the playground (static HTML/JS/CSS shipped in the package)
 
 The model runs in the scheduler's worker thread; request handlers only wait on an asyncio queue,
@@ -28,6 +29,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass
 from importlib import resources
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,9 +37,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from tinygpt.engine import Engine
+from tinygpt.models.attention_maps import attention_maps
 from tinygpt.serve.logprobs import as_openai
 from tinygpt.serve.options import ServeLimits
-from tinygpt.serve.protocol import ApiError, Completion, check_completion, parse_json
+from tinygpt.serve.protocol import (
+    ApiError,
+    AttentionQuery,
+    Completion,
+    check_attention,
+    check_completion,
+    parse_json,
+)
 from tinygpt.serve.scheduler import (
     Event,
     Job,
@@ -322,13 +332,8 @@ def create_app(
         try:
             job = scheduler.submit(spec.prompt_ids, spec.n, spec.params, limits.timeout,
                                    request.app.state.mailbox.sink(queue))
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy ({limits.max_queue} requests are waiting); "
-                           f"retry after {e.retry_after} s", code="queue_full",
-                           type="rate_limit_error",
-                           headers={"Retry-After": str(e.retry_after)}) from None
-        except SchedulerClosed as e:
-            raise _server_error(e) from None
+        except (QueueFull, SchedulerClosed) as e:
+            raise _refused(e, limits) from None
         meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
                 "created": int(time.time()), "model": info.id}
         if spec.stream:
@@ -338,7 +343,55 @@ def create_app(
             )
         return await _respond(request, job, spec, queue, meta)
 
+    @app.post("/v1/tinygpt/attention")
+    async def attention(request: Request) -> JSONResponse:
+        try:
+            body = await read_body(request, limits.max_body_bytes)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        config = engine.model.config
+        query = check_attention(parse_json(body), info.id, tokenizer,
+                                getattr(config, "n_layer", 0), getattr(config, "n_head", 0),
+                                info.block_size)
+        idx = torch.tensor(query.ids, dtype=torch.long, device=engine.device)  # (T,)
+        queue: asyncio.Queue = asyncio.Queue()
+        scheduler: Scheduler = request.app.state.scheduler
+        try:  # the model runs in the worker thread only, between two decode steps
+            scheduler.call(lambda: attention_maps(engine.model, idx).cpu(),
+                           request.app.state.mailbox.sink(queue))
+        except (QueueFull, SchedulerClosed) as e:
+            raise _refused(e, limits) from None
+        maps = await _next(queue, scheduler)
+        if isinstance(maps, BaseException):
+            raise _server_error(maps)
+        causal = getattr(config, "causal", True)
+        return JSONResponse(await asyncio.to_thread(attention_body, maps, query, info.id, causal))
+
     return app
+
+
+def attention_body(maps: torch.Tensor, query: AttentionQuery, model_id: str,
+                   causal: bool) -> dict:
+    """The answer of the attention route from the maps (n_layer, n_head, T, T).
+
+    ``weights[i][j][q]`` is the row of query position ``q`` in layer ``layers[i]``, head
+    ``heads[j]``: how much that character attends to each character, rounded to 4 decimals.
+    A causal model's row ``q`` stops at ``q`` (the later weights are all 0), which halves it.
+    """
+    picked = maps[query.layers][:, query.heads].double().round(decimals=4)  # (l, h, T, T)
+    weights = [[[row[: q + 1] if causal else row for q, row in enumerate(head)]
+                for head in layer] for layer in picked.tolist()]
+    return {"object": "tinygpt.attention", "model": model_id, "text": query.text,
+            "tokens": list(query.text), "causal": causal, "layers": query.layers,
+            "heads": query.heads, "weights": weights}
+
+
+def _refused(e: QueueFull | SchedulerClosed, limits: ServeLimits) -> ApiError:
+    if isinstance(e, QueueFull):
+        return ApiError(429, f"the server is busy ({limits.max_queue} requests are waiting); "
+                        f"retry after {e.retry_after} s", code="queue_full",
+                        type="rate_limit_error", headers={"Retry-After": str(e.retry_after)})
+    return _server_error(e)
 
 
 def _usage(job: Job, spec: Completion) -> dict:

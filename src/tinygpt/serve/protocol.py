@@ -144,9 +144,11 @@ def parse_json(body: bytes) -> dict:
     return obj
 
 
-def check_types(obj: dict) -> CompletionRequest:
+def check_types(obj: dict, schema: type[BaseModel] = CompletionRequest,
+                expected_types: dict[str, str] = EXPECTED) -> BaseModel:
+    """``obj`` as a ``schema`` instance; a wrong, missing or unknown field is a 400."""
     try:
-        return CompletionRequest.model_validate(obj)
+        return schema.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         loc = [str(x) for x in err["loc"]]
@@ -165,7 +167,7 @@ def check_types(obj: dict) -> CompletionRequest:
                 what = f"an array holding {json_type(bad[0])}"
         elif isinstance(value, dict) and param == "stream_options":
             what = f"{'.'.join(loc)} = {json_type(value.get(loc[1]) if len(loc) > 1 else None)}"
-        expected = EXPECTED.get(param, "another type")
+        expected = expected_types.get(param, "another type")
         raise invalid(f"invalid type for '{param}': expected {expected}, got {what}", param,
                       "invalid_type") from None
 
@@ -196,6 +198,17 @@ def _int_range(value: int, name: str, low: int, high: int, note: str = "") -> in
         shown = value if abs(value) < 10**15 else f"{str(value)[:6]}... ({len(str(value))} digits)"
         raise invalid(f"'{name}' must be between {low} and {high}{note}, got {shown}", name)
     return value
+
+
+def encode(text: str, tokenizer: CharTokenizer, param: str) -> list[int]:
+    """Token ids of ``text``; characters the model does not know are a 400 naming them."""
+    unknown = tokenizer.unknown_chars(text)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:20])
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        raise invalid(f"the {param} has {len(unknown)} character(s) the model does not know: "
+                      f"{shown}{more}", param, "unknown_characters")
+    return tokenizer.encode(text)
 
 
 def check_completion(
@@ -255,15 +268,7 @@ def check_completion(
         raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
     _unsupported(req, n)
 
-    prompt_ids = []
-    for p in prompts:
-        unknown = tokenizer.unknown_chars(p)
-        if unknown:
-            shown = ", ".join(repr(c) for c in unknown[:20])
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            raise invalid(f"the prompt has {len(unknown)} character(s) the model does not know: "
-                          f"{shown}{more}", "prompt", "unknown_characters")
-        prompt_ids.append(tokenizer.encode(p))
+    prompt_ids = [encode(p, tokenizer, "prompt") for p in prompts]
 
     sampling = SamplingConfig(
         temperature=temperature,
@@ -292,3 +297,52 @@ def _unsupported(req: CompletionRequest, n: int) -> None:
         refuse("logit_bias", "leave it out or send {}")
     if req.suffix is not None:
         refuse("suffix", "leave it out or send null")
+
+
+class AttentionRequest(BaseModel):
+    """The fields of ``POST /v1/tinygpt/attention``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    text: str
+    layer: int | None = None  # only this layer (default: all)
+    head: int | None = None  # only this head of each layer (default: all)
+
+
+ATTENTION_EXPECTED = {"model": "a string", "text": "a string", "layer": "an integer",
+                      "head": "an integer"}
+
+
+@dataclass
+class AttentionQuery:
+    """A checked attention request."""
+
+    text: str
+    ids: list[int]
+    layers: list[int]
+    heads: list[int]
+
+
+def check_attention(obj: dict, model_id: str, tokenizer: CharTokenizer, n_layer: int,
+                    n_head: int, block_size: int) -> AttentionQuery:
+    """Validate a parsed attention request body; raises ``ApiError``."""
+    req = check_types(obj, AttentionRequest, ATTENTION_EXPECTED)
+    if req.model != model_id:
+        raise ApiError(404, f"the model '{req.model[:100]}' does not exist; this server has "
+                       f"'{model_id}'", "model", "model_not_found")
+    if n_layer == 0:
+        raise invalid("this model has no attention layers (a bigram model looks at one "
+                      "character only)", "model", "no_attention")
+    if not req.text:
+        raise invalid("'text' must not be empty", "text")
+    if len(req.text) > block_size:
+        raise invalid(f"the text has {len(req.text)} characters; the model's context holds "
+                      f"{block_size}", "text", "context_length_exceeded")
+    layers = list(range(n_layer))
+    if req.layer is not None:
+        layers = [_int_range(req.layer, "layer", 0, n_layer - 1)]
+    heads = list(range(n_head))
+    if req.head is not None:
+        heads = [_int_range(req.head, "head", 0, n_head - 1)]
+    return AttentionQuery(req.text, encode(req.text, tokenizer, "text"), layers, heads)

@@ -167,6 +167,7 @@ class Scheduler:
         self._pending: deque[Job] = deque()
         self._pending_choices = 0
         self._active: list[Choice] = []  # the worker's batch (only the worker changes it)
+        self._calls: deque[tuple[Callable[[], object], Callable]] = deque()  # see ``call``
         self._active_count = 0
         self._closed = False
         self.failure: WorkerFailed | None = None  # set when the worker thread died
@@ -211,6 +212,20 @@ class Scheduler:
             self._cv.notify()
         return job
 
+    def call(self, fn: Callable[[], object], sink: Callable[[object], None]) -> None:
+        """Run ``fn()`` in the worker thread between two decode steps; ``sink`` gets its result
+        or the exception it raised. The model is only ever run by the worker: other work on it
+        (the attention maps) waits its turn here. Raises like ``submit``."""
+        with self._cv:
+            if self.failure is not None:
+                raise self.failure
+            if self._closed or not self._thread.is_alive():
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._calls) > self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._calls.append((fn, sink))
+            self._cv.notify()
+
     def retry_after(self) -> int:
         return max(1, min(60, math.ceil(self._job_seconds)))
 
@@ -241,11 +256,15 @@ class Scheduler:
                 self.failure = WorkerFailed(e)
                 self._closed = True
                 jobs = list(self._pending) + list({c.job: None for c in self._active})
+                calls = list(self._calls)
                 self._pending.clear()
+                self._calls.clear()
                 self._active = []
                 self._active_count = 0
             for job in jobs:
                 self._fail(job, self.failure)
+            for _, sink in calls:
+                sink(self.failure)
 
     def _loop(self) -> None:
         while True:
@@ -254,12 +273,16 @@ class Scheduler:
             with self._cv:
                 active = self._active
                 self._active_count = len(active)
-                while not self._closed and not self._pending and not active:
+                while not self._closed and not self._pending and not active and not self._calls:
                     self._cv.wait()
                 if self._closed:
                     leftover = list(self._pending) + list({c.job: None for c in active})
+                    leftover_calls = list(self._calls)
                     self._pending.clear()
+                    self._calls.clear()
                     break
+                calls = list(self._calls)
+                self._calls.clear()
                 now = time.monotonic()
                 while self._pending:
                     job = self._pending[0]
@@ -274,6 +297,8 @@ class Scheduler:
                     admitted.append(job)
                     active.extend(job.choices)
                 self._active_count = len(active)
+            for fn, sink in calls:
+                self._run_call(fn, sink)
             for job in dropped:  # waited in the queue until the time ran out (or the client left)
                 if not job.cancelled:
                     job.sink([Event(c.index, "", "length", [] if job.params.logprobs is not None
@@ -287,6 +312,17 @@ class Scheduler:
             self._active = self._step(active)
         for job in leftover:
             self._fail(job, SchedulerClosed("the server is shutting down"))
+        for _, sink in leftover_calls:
+            sink(SchedulerClosed("the server is shutting down"))
+
+    @staticmethod
+    def _run_call(fn: Callable[[], object], sink: Callable[[object], None]) -> None:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            log.error("a call in the worker failed: %r", e)
+            result = e
+        sink(result)
 
     def _start(self, job: Job) -> None:
         """Make the engine's sequences of a newly admitted request (and score its prompts)."""
