@@ -60,7 +60,14 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), by CPUID."""
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), by CPUID.
+
+    When oneDNN is limited to an older instruction set (``ONEDNN_MAX_CPU_ISA=AVX2``, as when
+    measuring how an AVX2-only CPU behaves) its bf16 products are emulated too, so the answer is no.
+    """
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if isa and isa != "ALL" and not any(k in isa for k in ("BF16", "AMX", "FP16", "AVX10")):
+        return False
     cpu = torch.cpu
     return any(getattr(cpu, f, lambda: False)() for f in (
         "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
