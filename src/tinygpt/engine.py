@@ -39,11 +39,17 @@ sampling with those seeds gives.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
+import os
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tinygpt.generate import (
     SamplingConfig,
@@ -53,7 +59,7 @@ from tinygpt.generate import (
     sample_next,
     slide_window,
 )
-from tinygpt.models.gpt import GPT
+from tinygpt.models.gpt import GPT, apply_rope
 
 
 def _is_int(x) -> bool:
@@ -166,6 +172,198 @@ class KVCache:
         return kb[:, :, : self._end], vb[:, :, : self._end], self._mask
 
 
+# --- the decode step ---------------------------------------------------------------------------
+#
+# At batch 1 a decode step multiplies one vector by every weight matrix: about 25 matrix-vector
+# products that read all the weights once (43 MB for the lecture's model) for two flops per
+# weight. Their speed is the speed at which the BLAS library streams the weights, and that
+# depends on the layout and on the CPU: ``F.linear(x, W)`` reads W (out, in) as one dot product
+# per output; ``x @ Wt``, with a transposed copy Wt (in, out), adds up rows of Wt scaled by the
+# entries of x. On some AMD CPUs the second streams the weights nearly twice as fast; elsewhere
+# the first may win. Both are float32 sums of the same products (in another order: the results
+# differ in the last bits only), so the engine measures both once per process and uses the
+# faster one for each matrix shape. The rest of a step -- norms, attention over the cache, the
+# activation -- is the model's own arithmetic, done for one position without the general
+# forward's bookkeeping.
+
+DECODE_LAYOUTS = ("auto", "model", "linear", "transposed")
+# Forces the layout of decode steps: "model" (the model's own forward, no separate decode step),
+# "linear" (the weights as stored), "transposed" (transposed copies) or "auto" (measured).
+DECODE_LAYOUT_ENV = "TINYGPT_DECODE_LAYOUT"
+# GPTConfig fields whose every value ``DecodeStep`` reproduces. A model with a field that is not
+# listed here (an option added later) decodes through its own forward: slower, never wrong.
+_DECODE_KNOWN_FIELDS = frozenset({
+    "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "attn_dropout", "bias",
+    "causal", "pos_embedding", "norm", "qk_norm", "mlp", "tie_embeddings", "zero_init",
+    "logit_softcap",
+})
+_DECODE_MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")
+# Measured layouts, per (device, dtype, weight shapes in order, threads): once per process.
+_MEASURED_LAYOUTS: dict[tuple, dict[tuple[int, int], str]] = {}
+
+
+def measure_decode_layouts(weights: Sequence[torch.Tensor], rounds: int = 5
+                           ) -> dict[tuple[int, int], str]:
+    """The faster layout, "linear" or "transposed", for each shape among ``weights`` at batch 1.
+
+    Each round multiplies a vector by every matrix, in the order of a decode step (so the
+    weights come from memory, as in a real step, rather than from a warm cache), once in each
+    layout, and keeps each shape's best total time over the rounds. A shape gets the transposed
+    copy only if it is at least 5% faster: the copy costs memory. A noisy measurement can only
+    cost speed, never exactness: both layouts compute the same products.
+    """
+    copies = [w.t().contiguous() for w in weights]  # (in, out)
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    best: dict[tuple, float] = {}
+    for r in range(rounds):
+        for layout in ("linear", "transposed") if r % 2 == 0 else ("transposed", "linear"):
+            totals: dict[tuple[int, int], float] = {}
+            for w, wt in zip(weights, copies):
+                x = xs[w.shape[1]]
+                t0 = time.perf_counter()
+                if layout == "linear":
+                    F.linear(x, w)
+                else:
+                    torch.mm(x, wt)
+                shape = tuple(w.shape)
+                totals[shape] = totals.get(shape, 0.0) + time.perf_counter() - t0
+            for shape, t in totals.items():
+                best[shape, layout] = min(best.get((shape, layout), math.inf), t)
+    shapes = {tuple(w.shape) for w in weights}
+    return {s: "transposed" if best[s, "transposed"] < 0.95 * best[s, "linear"] else "linear"
+            for s in shapes}
+
+
+class DecodeLinear:
+    """An ``nn.Linear`` for decode steps: y = x W^T + b with W as stored or a transposed copy."""
+
+    __slots__ = ("linear", "source", "version", "pointer", "weight", "transposed")
+
+    def __init__(self, linear: nn.Linear, transposed: bool) -> None:
+        self.linear = linear
+        self.transposed = transposed
+        self.source = linear.weight
+        self.version = linear.weight._version
+        self.pointer = linear.weight.data_ptr()
+        # (in, out) row-major: x @ weight streams it row by row.
+        self.weight = linear.weight.detach().t().contiguous() if transposed else None
+
+    def fresh(self) -> bool:
+        """False once the layer's weights changed (an optimizer step, a load, a new tensor):
+        the transposed copy would be stale."""
+        w = self.linear.weight
+        return not self.transposed or (
+            w is self.source and w._version == self.version and w.data_ptr() == self.pointer)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, in) -> (B, 1, out)
+        lin = self.linear
+        if not self.transposed:
+            return F.linear(x, lin.weight, lin.bias)
+        x2 = x.view(-1, x.size(-1))  # (B, in)
+        y = x2 @ self.weight if lin.bias is None else torch.addmm(lin.bias, x2, self.weight)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+
+def fast_decode_supported(model: nn.Module) -> bool:
+    """Whether ``DecodeStep`` reproduces ``model``: a causal float32 GPT on the CPU with only
+    options it knows (elsewhere the model's own forward decodes; on a GPU the layout question
+    does not arise)."""
+    if not isinstance(model, GPT) or not _known_config(type(model.config)):
+        return False
+    cfg = model.config
+    p = model.wte.weight
+    return (cfg.causal and cfg.mlp in _DECODE_MLPS and p.device.type == "cpu"
+            and p.dtype == torch.float32)
+
+
+@functools.cache
+def _known_config(cls: type) -> bool:
+    return {f.name for f in fields(cls)} <= _DECODE_KNOWN_FIELDS
+
+
+class DecodeStep:
+    """``GPT.forward`` with a cache for one new token per row, its linear layers in the layout
+    chosen for this CPU (``layout``: "linear", "transposed" or "auto").
+
+    Step for step the arithmetic of the model's forward with T = 1 -- the model's own embedding
+    tables, norm modules, ``apply_rope``, the same ``KVCache`` and attention -- minus what one
+    position in eval mode does not need (dropout, causal masks, shape bookkeeping).
+    """
+
+    def __init__(self, model: GPT, layout: str) -> None:
+        self.model = model
+        self.layout = layout
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # decode-step order
+        if layout == "auto":
+            weights = [m.weight.detach() for m in linears]
+            key = (str(weights[0].device), weights[0].dtype, tuple(tuple(w.shape) for w in weights),
+                   torch.get_num_threads())
+            if key not in _MEASURED_LAYOUTS:
+                _MEASURED_LAYOUTS[key] = measure_decode_layouts(weights)
+            self.choice = _MEASURED_LAYOUTS[key]  # (out, in) -> layout
+        else:
+            self.choice = {tuple(m.weight.shape): layout for m in linears}
+        self.layers: list[dict[str, DecodeLinear]] = []
+        self.head: DecodeLinear | None = None
+        self._build()
+
+    def _build(self) -> None:
+        def wrap(m: nn.Linear) -> DecodeLinear:
+            return DecodeLinear(m, self.choice[tuple(m.weight.shape)] == "transposed")
+
+        self.layers = [{name: wrap(m) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+                       for block in self.model.blocks]
+        self.head = wrap(self.model.lm_head)
+
+    def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, V) after the tokens ``idx`` (B, 1), appending their keys to ``cache``."""
+        if not all(lin.fresh() for layer in self.layers for lin in layer.values()) \
+                or not self.head.fresh():
+            self._build()  # the weights changed since the copies were made
+        m = self.model
+        pos = cache.prepare(1)  # (1,) or (B, 1)
+        x = m.wte(idx)  # (B, 1, C)
+        rope = None
+        if m.wpe is not None:
+            x = x + m.wpe(pos)
+        else:
+            rope = m.rope_rot[pos].unsqueeze(-2)  # (1, 1, D/2) or (B, 1, 1, D/2)
+        for i, (block, lin) in enumerate(zip(m.blocks, self.layers)):
+            x = x + self._attend(block.attn, lin, block.ln_1(x), rope, cache.layer(i))
+            x = x + self._mlp(block.mlp.kind, lin, block.ln_2(x))
+        logits = self.head(m.ln_f(x))[:, 0]  # (B, V)
+        cap = m.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    @staticmethod
+    def _attend(attn, lin: dict[str, DecodeLinear], x: torch.Tensor, rope, layer_cache
+                ) -> torch.Tensor:
+        B, _, C = x.shape
+        H = attn.n_head
+        q, k, v = lin["attn.c_attn"](x).view(B, 1, 3 * H, C // H).split(H, dim=2)  # (B, 1, H, D)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, 1, D)
+        k, v, mask = layer_cache.update(k, v)  # (B, H, L, D); mask (B, 1, 1, L) or None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, D)
+        return lin["attn.c_proj"](y.transpose(1, 2).reshape(B, 1, C))
+
+    @staticmethod
+    def _mlp(kind: str, lin: dict[str, DecodeLinear], x: torch.Tensor) -> torch.Tensor:
+        h = lin["mlp.c_fc"](x)  # (B, 1, hidden)
+        if kind == "gelu":
+            h = F.gelu(h)
+        elif kind == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif kind == "relu2":
+            h = F.relu(h).square()
+        else:  # swiglu
+            h = F.silu(lin["mlp.c_gate"](x)) * h
+        return lin["mlp.c_proj"](h)
+
+
 class SeqState:
     """One sequence being generated. Callers read ``tokens``; the rest is the engine's."""
 
@@ -191,8 +389,19 @@ class Engine:
     """
 
     def __init__(
-        self, model: nn.Module, use_cache: bool = True, *, window_shift: int | None = None
+        self, model: nn.Module, use_cache: bool = True, *, window_shift: int | None = None,
+        decode_layout: str | None = None,
     ) -> None:
+        layout = decode_layout or os.environ.get(DECODE_LAYOUT_ENV) or "auto"
+        if layout not in DECODE_LAYOUTS:
+            where = "decode_layout" if decode_layout else f"${DECODE_LAYOUT_ENV}"
+            raise ValueError(f"unknown decode layout {layout!r} in {where}; use one of "
+                             f"{', '.join(DECODE_LAYOUTS)}")
+        # How a cached step of one new token per sequence runs: "model" is the model's own
+        # forward; the others are the engine's DecodeStep (see above), made at the first such
+        # step.
+        self.decode_layout = layout
+        self._decoder: DecodeStep | None = None
         self.model = model
         config = model.config
         self.block_size: int = getattr(config, "block_size", 1)
@@ -269,11 +478,23 @@ class Engine:
     def _forward_last(self, rows: list[list[int]], cache: KVCache | None = None) -> torch.Tensor:
         """Logits (N, V) after the last of each row's tokens (all rows equally long)."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        if cache is not None and idx.size(1) == 1 and self._decode_step() is not None:
+            return self._decoder(idx, cache).float()
         if cache is None:
             logits, _ = self.model(idx)
         else:
             logits, _ = self.model(idx, cache=cache)
         return logits[:, -1, :].float()
+
+    def _decode_step(self) -> DecodeStep | None:
+        """The engine's decode step, made (and its layout measured) on first use; None where the
+        model's own forward decodes: layout "model", a model it does not reproduce, autocast."""
+        if (self.decode_layout == "model" or torch.is_autocast_enabled(self.device.type)
+                or not fast_decode_supported(self.model)):  # (checked each time: model.to())
+            return None
+        if self._decoder is None:
+            self._decoder = DecodeStep(self.model, self.decode_layout)
+        return self._decoder
 
     def _step_uncached(self, states: Sequence[SeqState], out: torch.Tensor) -> None:
         # The reference: run the whole window, keep the last position's logits.

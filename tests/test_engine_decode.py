@@ -1,0 +1,195 @@
+"""The engine's decode step: every weight layout gives the reference's tokens and logits."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import tinygpt.engine as engine_module
+from tinygpt.engine import (
+    DECODE_LAYOUTS,
+    DecodeStep,
+    Engine,
+    fast_decode_supported,
+    measure_decode_layouts,
+)
+from tinygpt.generate import SamplingConfig, generate_tokens
+from tinygpt.models import GPT, GPTConfig
+
+BS = 8
+LAYOUTS = [x for x in DECODE_LAYOUTS]  # auto, model, linear, transposed
+# Every option DecodeStep reproduces appears in at least one of these.
+CONFIGS = {
+    "lecture": {},
+    "rope-rms": dict(pos_embedding="rope", norm="rmsnorm", qk_norm="rmsnorm", mlp="relu2",
+                     bias=False),
+    "ln-qk-swiglu": dict(qk_norm="layernorm", mlp="swiglu", tie_embeddings=True,
+                         logit_softcap=5.0),
+    "gelu-tanh": dict(pos_embedding="rope", mlp="gelu_tanh", zero_init=True),
+}
+
+
+def make_gpt(seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=11, block_size=BS, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    model = GPT(GPTConfig(**{**cfg, **kw}))
+    with torch.no_grad():  # sharper distributions than the init's near-uniform ones
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(0.02 * torch.randn_like(p))  # zero_init would leave nothing to test
+        model.lm_head.weight.mul_(30)
+    return model.eval()
+
+
+def reference_logits(model, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([tokens[-BS:]]))
+    return logits[0, -1]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("shift", [1, 4])
+def test_every_layout_gives_the_reference_tokens_and_logits(layout, config, shift):
+    model = make_gpt(**CONFIGS[config])
+    engine = Engine(model, window_shift=shift, decode_layout=layout)
+    state = engine.new_sequence([1, 2, 3])
+    greedy = []
+    for _ in range(3 * BS):  # the window fills, then slides
+        logits = engine.step([state])[0]
+        ref = reference_logits(model, state.tokens[state._start:])  # the same window
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        greedy.append(int(logits.argmax()))
+        engine.append(state, greedy[-1])
+    expected = [int(t[0]) for t in generate_tokens(model, torch.tensor([[1, 2, 3]]), 3 * BS,
+                                                     SamplingConfig(temperature=0), None, BS,
+                                                     shift)]
+    assert greedy == expected
+    assert (engine._decoder is not None) == (layout != "model")  # the decode step did run
+
+
+@pytest.mark.parametrize("layout", ["linear", "transposed", "auto"])
+def test_rows_at_different_lengths_decode_like_each_alone(layout):
+    model = make_gpt(pos_embedding="rope")
+    engine = Engine(model, decode_layout=layout)
+    a, b = engine.new_sequence([1, 2]), engine.new_sequence([3, 4, 5, 6])
+    engine.step([a])
+    engine.step([b])
+    for _ in range(3):
+        logits = engine.step([b, a])  # one batch cache for rows at different lengths
+        for s, row in zip((b, a), logits):
+            torch.testing.assert_close(row, reference_logits(model, s.tokens[s._start:]),
+                                       atol=1e-5, rtol=0)
+            engine.append(s, int(row.argmax()))
+
+
+def test_forced_layouts_are_the_ones_used():
+    model = make_gpt()
+    for layout, transposed in (("linear", False), ("transposed", True)):
+        engine = Engine(model, decode_layout=layout)
+        s = engine.new_sequence([1])
+        engine.step([s])
+        engine.append(s, 2)
+        engine.step([s])
+        step = engine._decoder
+        lins = [lin for layer in step.layers for lin in layer.values()] + [step.head]
+        assert {lin.transposed for lin in lins} == {transposed}
+        if transposed:  # a contiguous (in, out) copy of the same numbers
+            for lin in lins:
+                assert lin.weight.is_contiguous()
+                assert torch.equal(lin.weight, lin.linear.weight.t())
+
+
+def test_the_layouts_are_measured_once_per_process(monkeypatch):
+    calls = []
+
+    def spy(weights, rounds=5):
+        calls.append(len(weights))
+        return measure_decode_layouts(weights, rounds=1)
+
+    monkeypatch.setattr(engine_module, "measure_decode_layouts", spy)
+    monkeypatch.setattr(engine_module, "_MEASURED_LAYOUTS", {})
+    model = make_gpt(n_embd=24, n_head=3)  # shapes no other test measured
+    for _ in range(2):
+        DecodeStep(model, "auto")
+    assert calls == [len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])]
+
+
+def test_measured_layouts_name_every_shape():
+    weights = [torch.randn(48, 16), torch.randn(16, 16), torch.randn(16, 64), torch.randn(48, 16)]
+    choice = measure_decode_layouts(weights, rounds=2)
+    assert set(choice) == {(48, 16), (16, 16), (16, 64)}
+    assert set(choice.values()) <= {"linear", "transposed"}
+
+
+def test_changed_weights_are_not_decoded_with_a_stale_copy():
+    model = make_gpt()
+    engine = Engine(model, decode_layout="transposed")
+    s = engine.new_sequence([1, 2])
+    engine.step([s])
+    engine.append(s, 3)
+    engine.step([s])  # the copies exist now
+    with torch.no_grad():  # an optimizer step would do this
+        model.blocks[0].attn.c_attn.weight.mul_(1.5)
+        model.lm_head.weight.add_(0.1)
+    t = engine.new_sequence([4, 5])
+    engine.step([t])
+    engine.append(t, 6)
+    torch.testing.assert_close(engine.step([t])[0], reference_logits(model, t.tokens),
+                               atol=1e-5, rtol=0)
+
+
+def test_decoding_leaves_the_model_as_it_was():
+    model = make_gpt()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = Engine(model, decode_layout="transposed")
+    s = engine.new_sequence([1])
+    for _ in range(5):
+        engine.append(s, int(engine.step([s])[0].argmax()))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@dataclass
+class LaterConfig(GPTConfig):
+    novelty: int = 0  # an option the decode step has never heard of
+
+
+def test_models_it_cannot_reproduce_decode_through_their_own_forward():
+    assert fast_decode_supported(make_gpt())
+    later = make_gpt()
+    later.config = LaterConfig(**later.config.to_dict())
+    assert not fast_decode_supported(later)
+    assert not fast_decode_supported(make_gpt().to(torch.bfloat16))
+    assert not fast_decode_supported(make_gpt(causal=False))
+    # The engine still decodes them, through the model.
+    engine = Engine(later, decode_layout="transposed")
+    s = engine.new_sequence([1])
+    engine.step([s])
+    engine.append(s, 2)
+    torch.testing.assert_close(engine.step([s])[0], reference_logits(later, s.tokens),
+                               atol=1e-5, rtol=0)
+    assert engine._decoder is None
+
+
+def test_under_autocast_the_model_decodes():
+    model = make_gpt()
+    engine = Engine(model, decode_layout="transposed")
+    s = engine.new_sequence([1])
+    with torch.autocast("cpu", torch.bfloat16):
+        engine.step([s])
+        engine.append(s, 2)
+        engine.step([s])
+    assert engine._decoder is None
+
+
+def test_unknown_layouts_are_refused_in_one_line(monkeypatch):
+    with pytest.raises(ValueError, match="unknown decode layout 'fast' in decode_layout"):
+        Engine(make_gpt(), decode_layout="fast")
+    monkeypatch.setenv("TINYGPT_DECODE_LAYOUT", "sideways")
+    with pytest.raises(ValueError, match=r"'sideways' in \$TINYGPT_DECODE_LAYOUT; use one of auto"):
+        Engine(make_gpt())
+    monkeypatch.setenv("TINYGPT_DECODE_LAYOUT", "linear")
+    assert Engine(make_gpt()).decode_layout == "linear"
+    assert Engine(make_gpt(), decode_layout="model").decode_layout == "model"
