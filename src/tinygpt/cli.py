@@ -507,8 +507,8 @@ def cmd_ladder(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.data)
     limit = (f"{args.steps} steps per rung" if args.steps else
              f"at most {args.budget} per rung" if budget else "the lecture's steps")
-    note = (f"Data: {args.data}; {limit}; seed {args.seed}; {torch.get_num_threads()} CPU threads; "
-            f"val loss over the whole validation split.")
+    note = (f"Data: {args.data}; {limit}; seed {args.seed}; small rungs on 1 CPU thread, the GPT on "
+            f"{torch.get_num_threads()}; val loss over the whole validation split.")
     print(note, flush=True)
 
     def progress(r) -> None:

@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 DPI = 100
 
 
-def _figure(width: float, height: float) -> Figure:
+def _figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError:
         raise TinyGPTError("pictures need matplotlib: pip install matplotlib") from None
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
 def _save(fig: Figure, out: Path) -> Path:
@@ -138,24 +138,32 @@ def plot_attention(maps: torch.Tensor, chars: Sequence[str], out: Path, title: s
     n_layer, n_head, T, _ = maps.shape
     if len(chars) != T:
         raise ValueError(f"{len(chars)} characters for maps over {T} positions")
-    cell = max(1.6, min(3.2, 0.16 * T + 0.6))
-    fig = _figure(cell * n_head + 0.8, cell * n_layer + 0.5)
-    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    cell = max(2.0, min(3.2, 0.12 * T + 0.6))  # inches per map
+    left, right, bottom, top = 0.8, 1.3, 0.8, 0.75  # inches around the grid
+    width, height = cell * n_head + left + right, cell * n_layer * 1.08 + bottom + top
+    fig = _figure(width, height, layout=None)
+    axes = fig.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=0.08, hspace=0.15)
     labels = [_char_label(c) for c in chars]
+    show = T <= 48  # beyond that the characters would overlap
     image = None
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer][head]
             image = ax.imshow(maps[layer, head].float().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
             ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
-            show = T <= 40
-            ax.set_xticks(range(T) if show else [], labels if show else [], fontsize=7)
-            ax.set_yticks(range(T) if show else [], labels if show else [], fontsize=7)
-            if layer == n_layer - 1:
-                ax.set_xlabel("attends to", fontsize=8)
-            if head == 0:
-                ax.set_ylabel("position", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="weight")
+            ax.tick_params(length=0, labelsize=7)
+    # Shared axes: the labels of the outer row and column serve the whole grid.
+    axes[-1][0].set_xticks(range(T) if show else [], labels if show else [], fontsize=7)
+    axes[-1][0].set_yticks(range(T) if show else [], labels if show else [], fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("attends to", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("position", fontsize=8)
+    bar = (1 - (right - 0.25) / width, bottom / height, 0.15 / width, 1 - (bottom + top) / height)
+    cax = fig.add_axes(bar)
+    fig.colorbar(image, cax=cax, label="weight")
     if title:
         fig.suptitle(title)
     return _save(fig, out)

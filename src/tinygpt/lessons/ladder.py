@@ -254,6 +254,7 @@ def run_ladder(
         if steps is not None:
             hyper["max_iters"] = steps
             hyper["eval_interval"] = max(1, min(hyper.get("eval_interval", 500), steps // 5 or 1))
+            hyper["eval_iters"] = min(20, steps)  # a short run gets short estimates
         if time_limit_s is not None:
             hyper["time_limit_s"] = time_limit_s
         elif rung.name == "gpt" and steps is None:
@@ -261,8 +262,14 @@ def run_ladder(
         hp = Hyper(**hyper)
         torch.manual_seed(seed)  # the same initial weights for the same rung
         model = rung.build(V)
-        trained: Trained = train_model(model, corpus, hp, seed)
-        sample = sample_text(trained.model, corpus, sample_chars, hp.block_size, seed)
+        # The small rungs' matrices are 32 wide: a second thread costs more than it saves.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads if rung.name == "gpt" else 1)
+        try:
+            trained: Trained = train_model(model, corpus, hp, seed)
+            sample = sample_text(trained.model, corpus, sample_chars, hp.block_size, seed)
+        finally:
+            torch.set_num_threads(threads)
         result = RungResult(
             rung.name, rung.idea, sum(p.numel() for p in model.parameters()), trained.steps,
             trained.seconds, trained.train_loss, trained.val_loss, trained.bits_per_char,
