@@ -38,9 +38,11 @@ CASES = [
     ("deep nesting", raw('{"model": "tiny", "prompt": "To", "user": ' + "[" * 100000 + "]" * 100000
                          + "}"), 400, None),
     ("unknown parameter", body(frobnicate=1), 400, "frobnicate"),
+    ("unknown parameter with a newline", body(**{"a\nb": 1}), 400, "a\nb"),
     # model
     ("missing model", body(model=MISSING), 400, "model"),
     ("unknown model", body(model="gpt-4"), 404, "model"),
+    ("unknown model with control characters", body(model="x\n\x1b[2J" * 50), 404, "model"),
     ("model wrong type", body(model=3), 400, "model"),
     # prompt
     ("missing prompt", body(prompt=MISSING), 400, "prompt"),
@@ -178,6 +180,8 @@ def test_unknown_route_and_method(http):
     check_error_shape(http.post("/v1/nothing", json={}), 404)
     check_error_shape(http.get("/v1/completions"), 405)
     check_error_shape(http.get("/static/../app.py"), 404)
+    check_error_shape(http.get("/v1/models/a%0Ab"), 404)  # one line, even so
+    check_error_shape(http.get("/x%0Ay"), 404)
 
 
 def test_accepted_edge_values(http):

@@ -47,6 +47,7 @@ from tinygpt.serve.protocol import (
     check_attention,
     check_completion,
     parse_json,
+    quoted,
 )
 from tinygpt.serve.scheduler import (
     Event,
@@ -261,9 +262,10 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            message = f"no such route: {request.method} {request.url.path[:200]}"
+            message = f"no such route: {request.method} {quoted(request.url.path, 200)}"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path[:200]}"
+            message = (f"method {quoted(request.method)} is not allowed on "
+                       f"{quoted(request.url.path, 200)}")
         else:
             message = str(exc.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
@@ -305,7 +307,7 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
         if model_id != info.id:
-            raise ApiError(404, f"the model '{model_id[:100]}' does not exist", "model",
+            raise ApiError(404, f"the model {quoted(model_id)} does not exist", "model",
                            "model_not_found")
         return model_card()
 

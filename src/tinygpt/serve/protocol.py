@@ -121,6 +121,12 @@ def json_type(value) -> str:
     return "object"
 
 
+def quoted(text: str, limit: int = 100) -> str:
+    """``text`` from a request, shown in a one-line message: quoted, at most ``limit`` characters,
+    control characters escaped."""
+    return repr(text[:limit] + ("…" if len(text) > limit else ""))
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -155,7 +161,8 @@ def check_types(obj: dict, schema: type[BaseModel] = CompletionRequest,
         param = loc[0] if loc else None
         if err["type"] == "extra_forbidden":
             name = ".".join(loc)
-            raise invalid(f"unknown parameter '{name}'", param, "unknown_parameter") from None
+            raise invalid(f"unknown parameter {quoted(name)}", param,
+                          "unknown_parameter") from None
         if err["type"] == "missing":
             raise invalid(f"missing required parameter '{param}'", param,
                           "missing_required_parameter") from None
@@ -217,7 +224,7 @@ def check_completion(
     """Validate a parsed request body; raises ``ApiError``."""
     req = check_types(obj)
     if req.model != model_id:
-        raise ApiError(404, f"the model '{req.model[:100]}' does not exist; this server has "
+        raise ApiError(404, f"the model {quoted(req.model)} does not exist; this server has "
                        f"'{model_id}'", "model", "model_not_found")
 
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -329,7 +336,7 @@ def check_attention(obj: dict, model_id: str, tokenizer: CharTokenizer, n_layer:
     """Validate a parsed attention request body; raises ``ApiError``."""
     req = check_types(obj, AttentionRequest, ATTENTION_EXPECTED)
     if req.model != model_id:
-        raise ApiError(404, f"the model '{req.model[:100]}' does not exist; this server has "
+        raise ApiError(404, f"the model {quoted(req.model)} does not exist; this server has "
                        f"'{model_id}'", "model", "model_not_found")
     if n_layer == 0:
         raise invalid("this model has no attention layers (a bigram model looks at one "
