@@ -75,3 +75,61 @@ def test_no_pyplot_and_no_matplotlib_at_import():
         "assert 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"MPLBACKEND": "TkAgg", "PATH": ""})
+
+
+TINY_RUN = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "8",
+            "--eval-iters", "2", "--sample-chars", "0", "--warmup-steps", "2", "--device", "cpu"]
+
+
+def tinygpt(*args) -> int:
+    """``tinygpt ARGS`` in this process (the commands are cheap; a subprocess is not)."""
+    from tinygpt.cli import main
+
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny GPT runs: one causal, one without the mask."""
+    tmp = tmp_path_factory.mktemp("runs")
+    text = tmp / "text.txt"
+    text.write_text("To be, or not to be: that is the question.\n" * 40, encoding="utf-8")
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TINYGPT_HOME", str(tmp / "home"))
+        for name, extra in (("causal", []), ("no-mask", ["--no-causal"])):
+            runs[name] = tmp / name
+            assert tinygpt("train", "--data", text, "--out", runs[name], *TINY_RUN, *extra,
+                           "--max-steps", "6", "--eval-interval", "3") == 0
+    return runs
+
+
+def test_plot_command(two_runs, tmp_path, capsys):
+    assert tinygpt("plot", two_runs["causal"]) == 0
+    png_size(two_runs["causal"] / "loss.png")
+    assert tinygpt("plot", two_runs["causal"], two_runs["no-mask"], "--out", tmp_path / "both.png") == 0
+    png_size(tmp_path / "both.png")
+    capsys.readouterr()
+    assert tinygpt("plot", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl" in err
+
+
+def test_attention_command(two_runs, tmp_path, capsys):
+    for name, run in two_runs.items():
+        out = tmp_path / f"{name}.png"
+        assert tinygpt("attention", run, "--prompt", "To be, or not", "--out", out) == 0
+        assert "1 layers x 2 heads, 13 tokens" in capsys.readouterr().out
+        png_size(out)
+    assert tinygpt("attention", two_runs["causal"], "--prompt", "To be") == 0
+    assert (two_runs["causal"] / "attention.png").is_file()
+
+
+@pytest.mark.parametrize("prompt, fragment", [
+    ("", "must not be empty"), ("Zebra \u2603", "does not know"),
+    ("To be, or not to be: that is", "context is 16"),
+])
+def test_attention_command_bad_prompt(two_runs, capsys, prompt, fragment):
+    assert tinygpt("attention", two_runs["causal"], "--prompt", prompt) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
