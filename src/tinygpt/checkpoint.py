@@ -57,7 +57,7 @@ from safetensors.torch import load_file, save_file
 from tinygpt.errors import TinyGPTError
 from tinygpt.files import atomic_write, fsync_dir, sha256_file, usual_mode, write_json
 from tinygpt.models import build_model, make_config
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 3
 # Formats 1 and 2 came from pre-release versions (no manifest; another rotary channel pairing).
@@ -66,8 +66,10 @@ OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
 STATE = "state.json"
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"  # a BPE tokenizer, as Hugging Face tokenizers writes it
 STEP_DIR = re.compile(r"step-(\d+)")
 FAULT_ENV = "TINYGPT_FAULT_AFTER"
+FAULT_RANK_ENV = "TINYGPT_FAULT_RANK"
 
 Warn = Callable[[str], None]
 
@@ -82,7 +84,11 @@ def warn_stderr(message: str) -> None:
 
 
 def fault_point(point: str, step: int) -> None:
-    """Die here (SIGKILL, no cleanup) if ``TINYGPT_FAULT_AFTER`` names this point and step."""
+    """Die here (SIGKILL, no cleanup) if ``TINYGPT_FAULT_AFTER`` names this point and step (in a
+    torchrun job: on the rank ``TINYGPT_FAULT_RANK`` names, else on every rank)."""
+    rank = os.environ.get(FAULT_RANK_ENV)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if os.environ.get(FAULT_ENV) == f"{point}@{step}":
         sys.stdout.flush()
         sys.stderr.flush()
@@ -124,6 +130,9 @@ def _write_checkpoint_files(
         files.append((OPTIMIZER, lambda tmp: torch.save(optimizer_state, tmp)))
     if rng_state is not None:
         files.append((RNG, lambda tmp: torch.save(rng_state, tmp)))
+    state, tokenizer_json = _tokenizer_file(state)
+    if tokenizer_json is not None:
+        files.append((TOKENIZER, lambda tmp: Path(tmp).write_text(tokenizer_json, encoding="utf-8")))
     full_state = {"format_version": FORMAT_VERSION, **state}
     files.append((STATE, lambda tmp: Path(tmp).write_text(
         json.dumps(full_state, ensure_ascii=False, indent=1), encoding="utf-8")))
@@ -137,6 +146,44 @@ def _write_checkpoint_files(
     write_json(folder / MANIFEST, manifest)
     fault_point(MANIFEST, step)
     fsync_dir(folder)
+
+
+def _separate_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights in which no two share memory, as safetensors requires: a tied
+    head (``--tie-embeddings``) is the embedding table under a second name and is stored twice."""
+    out, seen = {}, set()
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def _tokenizer_file(state: dict) -> tuple[dict, str | None]:
+    """A BPE tokenizer is saved as its own ``tokenizer.json`` (loadable by ``tokenizers`` as it
+    is, and covered by the manifest); ``state.json`` then names the file instead of holding it."""
+    tok = state.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("tokenizer_json"), str):
+        return state, None
+    described = {k: v for k, v in tok.items() if k != "tokenizer_json"}
+    return {**state, "tokenizer": {**described, "file": TOKENIZER}}, tok["tokenizer_json"]
+
+
+def _with_tokenizer(ckpt_dir: Path, state: dict) -> dict:
+    """``state`` with the tokenizer its ``tokenizer.json`` holds read back in (see
+    ``_tokenizer_file``)."""
+    tok = state.get("tokenizer")
+    if not isinstance(tok, dict) or tok.get("file") != TOKENIZER:
+        return state
+    try:
+        text = (Path(ckpt_dir) / TOKENIZER).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{TOKENIZER} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {TOKENIZER}: {_one_line(e)}") from None
+    described = {k: v for k, v in tok.items() if k != "file"}
+    return {**state, "tokenizer": {**described, "tokenizer_json": text}}
 
 
 def _remove_tree(path: Path) -> None:
@@ -163,7 +210,7 @@ def save_checkpoint(
     written.
     """
     ckpt_dir = Path(ckpt_dir)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    weights = _separate_tensors(model.state_dict())
     bad = _nonfinite_tensor(weights)
     if bad:
         raise TinyGPTError(f"refusing to save a checkpoint: weight {bad} is not finite")
@@ -280,7 +327,7 @@ class Checkpoint:
     path: Path
     state: dict
     model: nn.Module
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
 
     @property
     def model_kind(self) -> str:
@@ -331,7 +378,10 @@ def read_state(ckpt_dir: Path) -> dict:
     except CheckpointError as e:
         raise TinyGPTError(f"cannot read {path}: {e}") from None
     check_format(path, state.get("format_version"))
-    return state
+    try:
+        return _with_tokenizer(Path(ckpt_dir), state)
+    except CheckpointError as e:
+        raise TinyGPTError(f"cannot read {Path(ckpt_dir) / TOKENIZER}: {e}") from None
 
 
 def check_format(path: Path, version) -> None:
@@ -391,7 +441,10 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
         raise CheckpointError(
             f"{STATE} has format version {state.get('format_version')!r}, expected {version}"
         )
-    return state
+    tok = state.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("file") == TOKENIZER and TOKENIZER not in files:
+        raise CheckpointError(f"{MANIFEST} does not list {TOKENIZER}")
+    return _with_tokenizer(ckpt_dir, state)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -493,10 +546,10 @@ def find_checkpoint(run_dir: Path, which: str = "best", warn: Warn | None = None
     return _first_usable(run_dir, _candidates(run_dir, which), check, warn)
 
 
-def _model_from(folder: Path, state: dict) -> tuple[nn.Module, CharTokenizer]:
+def _model_from(folder: Path, state: dict) -> tuple[nn.Module, Tokenizer]:
     try:
         config = make_config(state["model"], state["model_config"])
-        tokenizer = CharTokenizer.from_dict(state["tokenizer"])
+        tokenizer = tokenizer_from_dict(state["tokenizer"])
     except (KeyError, TypeError, ValueError, TinyGPTError) as e:
         raise CheckpointError(
             f"{STATE} is not a valid checkpoint description: {_one_line(e)}"
@@ -562,7 +615,7 @@ def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> Trainin
         if _nonfinite_tensor(optimizer_state):
             raise CheckpointError(f"{OPTIMIZER} holds NaN or Inf")
         rng_state = load_tensor_file(folder / RNG)
-        for key in ("python", "numpy", "torch_cpu", "batch_gen"):
+        for key in ("python", "numpy", "torch_cpu"):
             if key not in rng_state:
                 raise CheckpointError(f"{RNG} lacks the {key!r} random state")
         return TrainingCheckpoint(folder, state, weights, optimizer_state, rng_state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import types
 import typing
@@ -160,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(p)
 
     _add_serve_parser(sub)
+    sub.add_parser(
+        "launch", help="train on several processes or machines (torchrun with tinygpt's exit codes)",
+        usage=LAUNCH_USAGE,
+        description="Data-parallel training: torchrun's options (--nproc-per-node N, --nnodes, "
+        "--node-rank, --rdzv-endpoint, --standalone, ...), then the train command. The train "
+        "command is checked once before any process starts. See docs/distributed.md.",
+    )
     _add_hf_parsers(sub)
     _add_lesson_parsers(sub)
     return parser
@@ -172,22 +180,33 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
                    help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_config(args: argparse.Namespace):
+    """The configuration (and checkpoint to continue) that ``tinygpt train ARGS`` asks for."""
     from tinygpt.config import TrainConfig
     from tinygpt.runs import prepare_resume, settings_for_init_from
-    from tinygpt.train import train
 
     settings = read_toml_settings(args.config) if args.config else {}
     settings.update(
         {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
     )
     if args.resume:
-        cfg, ckpt = prepare_resume(Path(args.resume), settings)
+        return prepare_resume(Path(args.resume), settings)
+    if settings.get("init_from"):
+        settings = settings_for_init_from(settings)
+    return TrainConfig.resolve(settings), None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tinygpt import distributed
+    from tinygpt.train import train
+
+    try:
+        cfg, ckpt = _train_config(args)
         result = train(cfg, resume=ckpt)
-    else:
-        if settings.get("init_from"):
-            settings = settings_for_init_from(settings)
-        result = train(TrainConfig.resolve(settings))
+    finally:
+        distributed.shutdown()
+    if not distributed.env_from_torchrun().is_main:
+        return 0  # rank 0 reports for a torchrun job
     print(
         f"done: {result.step} steps, val loss {result.val_loss:.4f} "
         f"(best {result.best_val_loss:.4f})"
@@ -199,6 +218,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"sample more with: tinygpt sample {result.run_dir}")
     return 0
 
+
+LAUNCH_USAGE = "tinygpt launch [torchrun options] train [train flags]"
+
+
+def launch(argv: list[str]) -> int:
+    """``tinygpt launch [torchrun options] train ...``: torchrun, with tinygpt's exit codes.
+
+    The train command is checked once here, before any process starts, so that a bad flag or data
+    path is one line and exit status 2; then ``torch.distributed.run`` starts the processes. A
+    failed process gives its exit status (2 for a bad input, 128 + N for signal N), SIGTERM or
+    SIGINT to the launcher stops every process after it saved its checkpoint (143, 130).
+    """
+    if "train" not in argv:
+        raise TinyGPTError(f"give the train command after torchrun's options: {LAUNCH_USAGE}")
+    i = argv.index("train")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch_args = get_args_parser().parse_args([*argv[:i], "--module", "tinygpt", *argv[i:]])
+    _check_before_launch(build_parser().parse_args(argv[i:]), launch_args)
+    try:
+        run(launch_args)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+def _check_before_launch(args: argparse.Namespace, launch_args) -> None:
+    from tinygpt.data import resolve_sources
+    from tinygpt.distributed import DistEnv
+    from tinygpt.runs import check_batch_split
+
+    cfg, _ = _train_config(args)
+    resolve_sources(cfg.data, cfg.glob)
+    nodes = str(launch_args.nnodes).split(":")[-1]
+    per_node = str(launch_args.nproc_per_node)
+    if nodes.isdigit() and per_node.isdigit():
+        check_batch_split(cfg, DistEnv(world_size=int(nodes) * int(per_node)))
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import time
@@ -319,13 +380,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TinyGPTError("the checkpoint does not record its corpus; pass --data PATH")
     errors = data.get("encoding_errors", "strict")
     corpus = load_corpus(spec, errors)
-    if corpus.tokenizer != ckpt.tokenizer:  # other text: encode it with the model's vocabulary
+    if corpus.tokenizer != ckpt.tokenizer:  # encode it with the model's tokenizer
         corpus = load_corpus(spec, errors, tokenizer=ckpt.tokenizer)
-    elif args.data is None and corpus.fingerprint != data.get("fingerprint"):
+    if args.data is None and corpus.fingerprint != data.get("fingerprint"):
         print(f"note: {spec} has changed since the model was trained", file=sys.stderr)
     block_size = ckpt.block_size or ckpt.state["train_config"].get("block_size", 256)
     tokens = corpus.split(args.split)
-    result = evaluate_tokens(ckpt.model, tokens, block_size, args.batch_size, device)
+    result = evaluate_tokens(ckpt.model, tokens, block_size, args.batch_size, device,
+                             tokenizer=ckpt.tokenizer)
     result = {
         "split": args.split, **result, "step": ckpt.state.get("step"),
         "checkpoint": str(ckpt.path),
@@ -334,9 +396,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"{args.split} loss {result['val_loss']:.4f} nats/char, "
+            f"{args.split} loss {result['val_loss']:.4f} nats/token, "
             f"{result['bits_per_char']:.4f} bits/char over {result['tokens']:,} tokens "
-            f"({ckpt.path}, step {result['step']})"
+            f"({result['chars']:,} characters; {ckpt.path}, step {result['step']})"
         )
     return 0
 
@@ -610,6 +672,13 @@ COMMANDS.update(ladder=cmd_ladder, plot=cmd_plot, attention=cmd_attention, lesso
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"] and not set(argv[1:2]) & {"-h", "--help"}:
+        try:
+            return launch(argv[1:])
+        except (TinyGPTError, ValueError) as e:
+            print(f"tinygpt launch: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -619,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except TrainingInterrupted as e:
         try:
-            print(f"tinygpt {args.command}: {e}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # rank 0 reports for a torchrun job
+                print(f"tinygpt {args.command}: {e}", file=sys.stderr)
         except KeyboardInterrupt:  # yet another Ctrl-C: the checkpoint is safe, just leave
             pass
         return e.exit_code

@@ -15,6 +15,8 @@ from tinygpt.models.gpt import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "auto")
+TOKENIZER_KINDS = ("char", "bpe")
+DEFAULT_BPE_VOCAB = 1024
 
 # Each preset overrides some defaults. `cpu` is the default for the GPT (its values are also the
 # dataclass defaults); `bigram` is the default for the bigram model (the mid-term assignment);
@@ -110,6 +112,14 @@ class TrainConfig:
         "strict", "invalid UTF-8: 'strict' stops with an error, 'replace' substitutes U+FFFD",
         choices=("strict", "replace"),
     )
+    tokenizer: str = _opt(
+        "char", "char: one token per character (the lecture's); bpe: byte-level BPE (Hugging Face "
+        "tokenizers) trained on the train split", choices=TOKENIZER_KINDS,
+    )
+    vocab_size: int | None = _opt(
+        None, f"with --tokenizer bpe: tokens in the vocabulary, at least 257 (default: "
+        f"{DEFAULT_BPE_VOCAB})", metavar="N",
+    )
     # model shape (GPT)
     batch_size: int = _opt(32, "sequences per optimizer step")
     batch_start: int | None = _opt(
@@ -118,7 +128,11 @@ class TrainConfig:
         "warmup)",
     )
     batch_warmup_steps: int = _opt(0, "steps over which the batch grows from --batch-start")
-    block_size: int = _opt(64, "context length in characters")
+    grad_accum: int = _opt(
+        1, "split each process's share of the batch into this many micro-batches (gradients "
+        "accumulated; the same update, less memory)", metavar="K",
+    )
+    block_size: int = _opt(64, "context length in tokens (characters with --tokenizer char)")
     n_layer: int = _opt(4, "transformer blocks")
     n_head: int = _opt(4, "attention heads per block")
     n_embd: int = _opt(128, "embedding width")
@@ -197,7 +211,7 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of {kinds}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        positive = ("batch_size", "eval_interval", "eval_iters")
+        positive = ("batch_size", "eval_interval", "eval_iters", "grad_accum")
         for name in positive:
             if _bad_int(getattr(self, name), minimum=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -235,6 +249,17 @@ class TrainConfig:
                 parse_duration(getattr(self, name))
         if self.max_steps is None and self.max_time is None:
             raise ValueError("give --max-steps or --max-time (or both)")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(
+                f"unknown tokenizer {self.tokenizer!r}; choose one of {', '.join(TOKENIZER_KINDS)}"
+            )
+        if self.vocab_size is not None:
+            if self.tokenizer != "bpe":
+                raise ValueError("--vocab-size is for --tokenizer bpe (a character vocabulary is "
+                                 "the text's own characters)")
+            if _bad_int(self.vocab_size, minimum=257):
+                raise ValueError(f"vocab_size must be an integer >= 257 (the 256 bytes and at "
+                                 f"least one merge), got {self.vocab_size!r}")
         if not DEVICE_PATTERN.fullmatch(str(self.device)):
             raise ValueError(f"unknown device {self.device!r}; use {DEVICE_HELP}")
         # Validate the model shape now, before any data is read.
@@ -247,6 +272,13 @@ class TrainConfig:
     @property
     def save_every_s(self) -> float | None:
         return None if self.save_every is None else parse_duration(self.save_every)
+
+    @property
+    def bpe_vocab_size(self) -> int | None:
+        """The BPE vocabulary to train, or None for characters."""
+        if self.tokenizer != "bpe":
+            return None
+        return self.vocab_size or DEFAULT_BPE_VOCAB
 
     @property
     def run_dir(self) -> str:

@@ -6,15 +6,23 @@ Reading streams the bytes in chunks, so memory does not grow with the size of th
 ids are written to ``tokens.bin`` (uint16 when the vocabulary fits, else uint32) next to a JSON
 manifest that says what they were made from. Batches are read from that file through
 ``numpy.memmap``, so a corpus larger than RAM works.
+
+The split is the lecture's: the first 90% of the text trains, the rest validates. It is cut in
+characters, so every tokenizer sees the same validation text. A BPE tokenizer (``--tokenizer
+bpe``) is trained on the train part only, and each part is encoded on its own, streamed in chunks
+cut where the encoding cannot change (see ``tinygpt.tokenizer.rechunk``). The cache is keyed by
+the tokenizer: character and BPE tokens of one text never mix.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +34,7 @@ import torch
 
 from tinygpt.errors import TinyGPTError
 from tinygpt.files import atomic_write, sha256_file, write_json
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, rechunk, tokenizer_from_dict
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -217,7 +225,7 @@ class Corpus:
     """Token ids of a whole text, memory-mapped, with the lecture's 90/10 split."""
 
     tokens: np.ndarray  # read-only memmap, uint16 or uint32
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     manifest: dict
     skipped: tuple[str, ...] = ()  # files of a directory left out as binary
 
@@ -233,7 +241,21 @@ class Corpus:
 
     @property
     def n_train(self) -> int:
+        split = self.manifest.get("split")
+        if split:  # where the 90% character cut falls in tokens
+            return int(split["train_tokens"])
         return int(len(self.tokens) * TRAIN_FRACTION)
+
+    def num_chars(self, split: str) -> int:
+        """Characters of the text behind a split (bits per character divide by this)."""
+        info = self.manifest.get("split")
+        if not info:  # a cache written before BPE: one token per character
+            return len(self.split(split))
+        if split == "train":
+            return int(info["train_chars"])
+        if split == "val":
+            return int(info["val_chars"])
+        raise ValueError(f"unknown split {split!r} (expected 'train' or 'val')")
 
     @property
     def fingerprint(self) -> str:
@@ -263,10 +285,17 @@ class Corpus:
         batch_size: int,
         block_size: int,
         generator: torch.Generator,
+        rows: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: inputs ``x`` (B, T) and targets ``y`` (B, T), y shifted by one."""
+        """Random windows: inputs ``x`` (B, T) and targets ``y`` (B, T), y shifted by one.
+
+        ``rows`` keeps only those windows of the batch (a data-parallel rank's share): the same
+        ``batch_size`` starts are drawn whatever the share, so the shares make up the batch.
+        """
         data = self.split(split)
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        if rows is not None:
+            ix = ix[rows]
         idx = ix[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
         chunk = torch.from_numpy(data[idx].astype(np.int64))
         return chunk[:, :-1], chunk[:, 1:]
@@ -275,13 +304,16 @@ class Corpus:
 def load_corpus(
     spec: str | os.PathLike,
     encoding_errors: str = "strict",
-    tokenizer: CharTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
     glob: str | None = None,
+    bpe_vocab_size: int | None = None,
 ) -> Corpus:
     """Tokenise ``spec`` (or reuse the cached tokens while its files are unchanged).
 
     ``tokenizer`` fixes the vocabulary (e.g. a trained model's); by default it is built from the
-    corpus itself. ``glob`` picks the files of a directory (see ``resolve_sources``).
+    corpus itself: its characters, or with ``bpe_vocab_size`` a byte-level BPE of that many tokens
+    trained on the train split. ``glob`` picks the files of a directory (see
+    ``resolve_sources``).
     """
     if encoding_errors not in ("strict", "replace"):
         raise TinyGPTError(
@@ -293,7 +325,7 @@ def load_corpus(
         {
             "files": [str(p.resolve()) for p in files],
             "errors": encoding_errors,
-            "vocab": tokenizer.to_dict() if tokenizer else None,
+            "vocab": _vocab_key(tokenizer, bpe_vocab_size),
         },
         sort_keys=True,
     )
@@ -319,8 +351,17 @@ def load_corpus(
                 write_json(manifest_path, manifest)
             return _open_corpus(bin_path, manifest, skipped)
 
-    manifest = _build_cache(sources, encoding_errors, tokenizer, cache_dir)
+    manifest = _build_cache(sources, encoding_errors, tokenizer, cache_dir, bpe_vocab_size)
     return _open_corpus(bin_path, manifest, skipped)
+
+
+def _vocab_key(tokenizer: Tokenizer | None, bpe_vocab_size: int | None):
+    """What the token cache's name says about the tokenizer."""
+    if tokenizer is None:
+        return None if bpe_vocab_size is None else {"train_bpe": bpe_vocab_size}
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.to_dict()
+    return {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint}
 
 
 def _read_manifest(path: Path) -> dict | None:
@@ -334,7 +375,8 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _build_cache(
-    sources: Sources, encoding_errors: str, tokenizer: CharTokenizer | None, cache_dir: Path
+    sources: Sources, encoding_errors: str, tokenizer: Tokenizer | None, cache_dir: Path,
+    bpe_vocab_size: int | None = None,
 ) -> dict:
     files = sources.files
     # Pass 1: validate the text, count characters, collect the vocabulary.
@@ -346,15 +388,26 @@ def _build_cache(
     if n_chars == 0:
         what = str(files[0]) if len(files) == 1 else f"the {len(files)} files given"
         raise TinyGPTError(f"{what} contains no text")
+    n_train_chars = int(n_chars * TRAIN_FRACTION)
+    if tokenizer is None and bpe_vocab_size is not None:
+        train_text = _text_range(files, encoding_errors, 0, n_train_chars)
+        tokenizer = BPETokenizer.train(rechunk(train_text, ENCODE_CHARS), bpe_vocab_size,
+                                       show_progress=_interactive())
     if tokenizer is None:
         tokenizer = CharTokenizer(chars)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
 
     # Pass 2: encode chunk by chunk straight into the binary file.
+    counts = {"train": n_train_chars, "val": n_chars - n_train_chars}  # tokens of each part
+
     def write_tokens(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            for text in iter_corpus(files, encoding_errors):
-                tokenizer.encode_array(text).astype(dtype).tofile(f)
+            if isinstance(tokenizer, CharTokenizer):  # one token per character
+                for text in iter_corpus(files, encoding_errors):
+                    tokenizer.encode_array(text).astype(dtype).tofile(f)
+                return
+            _write_bpe_tokens(f, tokenizer, files, encoding_errors, n_chars, n_train_chars,
+                              dtype, counts)
 
     atomic_write(cache_dir / "tokens.bin", write_tokens)
 
@@ -366,10 +419,56 @@ def _build_cache(
         "fingerprint": text_fingerprint([r["sha256"] for r in records], sources.names()),
         "tokenizer": tokenizer.to_dict(),
         "dtype": np.dtype(dtype).name,
-        "num_tokens": n_chars,
+        "num_tokens": counts["train"] + counts["val"],
+        "num_chars": n_chars,
+        "split": {"train_tokens": counts["train"], "train_chars": n_train_chars,
+                  "val_chars": n_chars - n_train_chars},
     }
     write_json(cache_dir / "manifest.json", manifest)
     return manifest
+
+
+ENCODE_CHARS = 1 << 16  # characters per chunk handed to the BPE tokenizer
+ENCODE_BATCH = 32  # chunks per call (tokenizers encodes a batch on several threads)
+
+
+def _interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def _text_range(files: list[Path], encoding_errors: str, start: int, stop: int) -> Iterator[str]:
+    """The characters ``start:stop`` of the corpus, streamed in pieces."""
+    pos = 0
+    for text in iter_corpus(files, encoding_errors):
+        end = pos + len(text)
+        if end > start and pos < stop:
+            yield text[max(start - pos, 0) : min(stop, end) - pos]
+        pos = end
+        if pos >= stop:
+            return
+
+
+def _write_bpe_tokens(f, tokenizer: BPETokenizer, files: list[Path], encoding_errors: str,
+                      n_chars: int, n_train_chars: int, dtype, counts: dict) -> None:
+    """Encode the train part, then the val part, in batches of chunks, appending to ``f``; the
+    token count of each part goes into ``counts``. A progress bar on a terminal."""
+    from tqdm import tqdm
+
+    with tqdm(total=n_chars, unit="char", unit_scale=True, desc="encoding",
+              disable=not _interactive(), leave=False) as bar:
+        for part, (a, b) in (("train", (0, n_train_chars)), ("val", (n_train_chars, n_chars))):
+            counts[part] = 0
+            batch: list[str] = []
+            chunks = rechunk(_text_range(files, encoding_errors, a, b), ENCODE_CHARS)
+            for chunk in itertools.chain(chunks, [None]):  # None: flush the last batch
+                if chunk is not None:
+                    batch.append(chunk)
+                if batch and (chunk is None or len(batch) == ENCODE_BATCH):
+                    for ids in tokenizer.encode_batch(batch):
+                        np.asarray(ids, dtype=dtype).tofile(f)
+                        counts[part] += len(ids)
+                    bar.update(sum(len(c) for c in batch))
+                    batch = []
 
 
 def text_fingerprint(hashes: list[str], names: list[str]) -> str:
@@ -383,4 +482,4 @@ def _open_corpus(bin_path: Path, manifest: dict, skipped: tuple[str, ...] = ()) 
     tokens = np.memmap(bin_path, dtype=np.dtype(manifest["dtype"]), mode="r")
     if len(tokens) != manifest["num_tokens"]:
         raise TinyGPTError(f"token cache {bin_path} is damaged; delete its folder and retry")
-    return Corpus(tokens, CharTokenizer.from_dict(manifest["tokenizer"]), manifest, skipped)
+    return Corpus(tokens, tokenizer_from_dict(manifest["tokenizer"]), manifest, skipped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 
@@ -53,4 +54,6 @@ class TrainingInterrupted(BaseException):  # noqa: N818 -- like KeyboardInterrup
         else:
             saved = f"newest checkpoint is step {self.checkpoint_step}"
         resume = f"tinygpt train --resume {shlex.quote(str(self.run_dir))}"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun job: the same launch again
+            resume = f"the same launch command with {resume.removeprefix('tinygpt ')}"
         return f"{what} by {self.signal_name}{where}, {saved}; resume with: {resume}"

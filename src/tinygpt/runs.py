@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tinygpt import distributed
 from tinygpt.checkpoint import (
     Checkpoint,
     TrainingCheckpoint,
@@ -50,11 +51,12 @@ from tinygpt.checkpoint import (
 from tinygpt.config import TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
 from tinygpt.device import autocast_dtype, mps_available, pick_device
+from tinygpt.distributed import SINGLE, DistEnv
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.files import write_json
 from tinygpt.models import GPTConfig, build_model, make_config
 from tinygpt.optim import CombinedOptimizer, build_optimizer
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import CharTokenizer, tokenizer_from_dict
 
 RUN_CONFIG = "config.json"  # the run's settings, written when it starts
 
@@ -63,7 +65,7 @@ RUN_CONFIG = "config.json"  # the run's settings, written when it starts
 # schedule over the new length -- that is what extending means).
 RESUME_MAY_CHANGE = (
     "max_steps", "max_time", "device", "compile", "eval_interval", "save_every", "sample_chars",
-    "keep",
+    "keep", "grad_accum",
 )
 # With --init-from the model's shape comes from the source checkpoint (and must match if given);
 # dropout and causal default to the source's values but may be changed for fine-tuning.
@@ -116,8 +118,10 @@ def data_record(cfg: TrainConfig, corpus: Corpus) -> dict:
 # ------------------------------------------------------------------------------- random states
 
 
-def capture_rng(batch_gen: torch.Generator) -> dict:
-    """Every random state a run draws from: Python, numpy, torch (CPU, CUDA, MPS), the batches."""
+def capture_rng() -> dict:
+    """The global random states: Python, numpy, torch (CPU, CUDA, MPS). Training itself draws
+    batches and dropout masks from generators seeded by the step, so these are saved for code
+    that draws from the global ones."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -126,7 +130,6 @@ def capture_rng(batch_gen: torch.Generator) -> dict:
             "has_gauss": int(has_gauss), "cached_gaussian": float(cached),
         },
         "torch_cpu": torch.get_rng_state(),
-        "batch_gen": batch_gen.get_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # else it was never drawn from
         state["torch_cuda"] = torch.cuda.get_rng_state_all()
@@ -135,7 +138,7 @@ def capture_rng(batch_gen: torch.Generator) -> dict:
     return state
 
 
-def restore_rng(state: dict, batch_gen: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     """Undo ``capture_rng``: the next random draws are the ones the saved run would have made."""
     try:
         version, internal, gauss = state["python"]
@@ -144,7 +147,6 @@ def restore_rng(state: dict, batch_gen: torch.Generator) -> None:
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
                              n["has_gauss"], n["cached_gaussian"]))
         torch.set_rng_state(state["torch_cpu"])
-        batch_gen.set_state(state["batch_gen"])
         cuda = state.get("torch_cuda")
         n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if cuda is not None and n_cuda and len(cuda) == n_cuda:
@@ -287,7 +289,8 @@ def prepare_resume(
             f"--resume {run_dir}: no such run directory; start the run with --out {run_dir}"
         )
     if not has_checkpoint(run_dir):
-        warn(f"{run_dir} holds no checkpoint yet: starting the run from step 0")
+        if distributed.env_from_torchrun().is_main:
+            warn(f"{run_dir} holds no checkpoint yet: starting the run from step 0")
         saved = read_run_config(run_dir)
         if saved is None:
             return TrainConfig.resolve({**given, "out": str(run_dir), "overwrite": True}), None
@@ -373,11 +376,39 @@ def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
         out[key] = value
     for key in INIT_DEFAULT_KEYS.get(kind, ()):
         out.setdefault(key, mc.get(key, _GPT_DEFAULTS[key]))
+    out.update(_init_tokenizer_settings(settings, state, source))
     return out
 
 
-def corpus_for_vocab(cfg: TrainConfig, corpus: Corpus, init: Checkpoint) -> Corpus:
-    """The corpus encoded with the vocabulary of the model being fine-tuned."""
+def _init_tokenizer_settings(settings: dict, state: dict, source: Path) -> dict:
+    """--init-from keeps the source model's tokenizer: its kind (and BPE vocabulary) are the
+    run's, and flags that ask for another are refused."""
+    try:
+        tokenizer = tokenizer_from_dict(state.get("tokenizer"))
+    except TinyGPTError as e:
+        raise TinyGPTError(f"cannot read the tokenizer of {source}: {e}") from None
+    kind = tokenizer.kind
+    if settings.get("tokenizer", kind) != kind:
+        raise TinyGPTError(
+            f"--tokenizer {settings['tokenizer']} does not match {source}, whose tokenizer is "
+            f"{kind}; --init-from keeps the model's tokenizer"
+        )
+    vocab = tokenizer.vocab_size if kind == "bpe" else None
+    if settings.get("vocab_size") is not None and settings["vocab_size"] != vocab:
+        raise TinyGPTError(
+            f"--vocab-size {settings['vocab_size']} does not match {source}, whose tokenizer has "
+            f"{tokenizer.vocab_size} tokens; --init-from keeps the model's tokenizer"
+        )
+    return {"tokenizer": kind, "vocab_size": vocab}
+
+
+def corpus_for_vocab(cfg: TrainConfig, corpus: Corpus | None, init: Checkpoint) -> Corpus:
+    """The corpus encoded with the vocabulary of the model being fine-tuned (``corpus``: the text
+    with its own character vocabulary, to check that the model knows every character)."""
+    if not isinstance(init.tokenizer, CharTokenizer):  # byte-level BPE encodes any text
+        return load_corpus(cfg.data, cfg.encoding_errors, tokenizer=init.tokenizer, glob=cfg.glob)
+    if corpus is None:
+        corpus = load_corpus(cfg.data, cfg.encoding_errors, glob=cfg.glob)
     if corpus.tokenizer == init.tokenizer:
         return corpus
     unknown = init.tokenizer.unknown_chars("".join(corpus.tokenizer.chars))
@@ -422,7 +453,7 @@ def resume_corpus(cfg: TrainConfig, ckpt: TrainingCheckpoint) -> Corpus:
             f"--resume needs the same text -- to train on this one start a new run with "
             f"--init-from {cfg.run_dir}"
         )
-    tokenizer = CharTokenizer.from_dict(ckpt.state["tokenizer"])
+    tokenizer = tokenizer_from_dict(ckpt.state["tokenizer"])
     if corpus.tokenizer != tokenizer:  # a fine-tuned run keeps its source model's vocabulary
         corpus = load_corpus(cfg.data, cfg.encoding_errors, tokenizer=tokenizer)
     return corpus
@@ -493,29 +524,37 @@ class Run:
     forward: Callable  # the model, or its compiled version (same parameters)
     optimizer: CombinedOptimizer
     amp_dtype: torch.dtype | None  # autocast dtype of the forward pass; None: float32
-    batch_gen: torch.Generator  # draws the training batches (and only those)
     eval_batches: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
     base_state: dict  # what every checkpoint's state.json says about the run
     init: Checkpoint | None = None  # the --init-from source
     log: Callable[[str], None] = print
+    dist: DistEnv = SINGLE  # this process's place in a torchrun job
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, when there is one
 
 
 def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
               log: Callable[[str], None] = print) -> Run:
-    """Data, model and optimizer for ``cfg``; from ``resume``'s checkpoint when continuing."""
-    device = pick_device(cfg.device)
+    """Data, model and optimizer for ``cfg``; from ``resume``'s checkpoint when continuing.
+
+    Under torchrun the process joins the job first, and the model is wrapped for data-parallel
+    training (``tinygpt.distributed``)."""
+    dist_env, device_name = distributed.setup(cfg.device)
+    device = pick_device(device_name)
+    check_batch_split(cfg, dist_env)
     init = None
     if resume is not None:
         corpus = resume_corpus(cfg, resume)
     else:
-        corpus = load_corpus(cfg.data, cfg.encoding_errors, glob=cfg.glob)
         if cfg.init_from:
             init = load_checkpoint(Path(cfg.init_from), "best", "cpu", warn)
-            corpus = corpus_for_vocab(cfg, corpus, init)
+            corpus = corpus_for_vocab(cfg, None, init)
+        else:
+            corpus = load_corpus(cfg.data, cfg.encoding_errors, glob=cfg.glob,
+                                 bpe_vocab_size=cfg.bpe_vocab_size)
     corpus.check_block_size(cfg.block_size)
 
     torch.manual_seed(cfg.seed)
-    model_config = cfg.model_config(corpus.tokenizer.vocab_size)
+    model_config = cfg.model_config(_model_vocab_size(corpus, resume or init))
     model = build_model(cfg.model, model_config)
     if init is not None:
         init_weights_from(model, cfg, model_config, init)
@@ -533,12 +572,42 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
         "tokenizer": corpus.tokenizer.to_dict(), "train_config": cfg.to_dict(),
         "data": data_record(cfg, corpus),
     }
-    # The compiled module shares the model's parameters; evaluation, checkpoints and sampling use
-    # the plain model. Compilation happens in the first training step and counts as its time.
-    forward = torch.compile(model) if cfg.compile else model
+    # The DDP wrapper and the compiled module share the model's parameters; evaluation,
+    # checkpoints and sampling use the plain model. Compilation happens in the first training
+    # step and counts as its time.
+    ddp = None
+    if dist_env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = ddp or model
+    forward = torch.compile(forward) if cfg.compile else forward
     return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer,
-               autocast_dtype(cfg.dtype, device), torch.Generator().manual_seed(cfg.seed),
-               _eval_batches(cfg, corpus, device), base_state, init, log)
+               autocast_dtype(cfg.dtype, device), _eval_batches(cfg, corpus, device), base_state,
+               init, log, dist_env, ddp)
+
+
+def check_batch_split(cfg: TrainConfig, env: DistEnv) -> None:
+    """Every batch must split evenly into ranks and micro-batches (one line if it does not)."""
+    parts = env.world_size * cfg.grad_accum
+    warmup = cfg.batch_start is not None and cfg.batch_warmup_steps and cfg.batch_start < cfg.batch_size
+    sizes = {cfg.batch_size} | ({cfg.batch_start} if warmup else set())
+    for size in sorted(sizes):
+        if size % parts:
+            name = "--batch-size" if size == cfg.batch_size else "--batch-start"
+            raise TinyGPTError(
+                f"{name} {size} does not split into {env.world_size} process(es) x "
+                f"{cfg.grad_accum} micro-batch(es); give a multiple of {parts}"
+            )
+
+
+def _model_vocab_size(corpus: Corpus, source: Checkpoint | TrainingCheckpoint | None) -> int:
+    """Rows of the embedding table: the tokenizer's size, or the source model's when continuing
+    or fine-tuning one that has more (imported models often pad their vocabulary)."""
+    n = corpus.tokenizer.vocab_size
+    if source is not None:
+        n = max(n, int(saved_model_config(source.state).get("vocab_size", 0)))
+    return n
 
 
 def _load_resumed_weights(model: nn.Module, cfg: TrainConfig, model_config, resume) -> None:

@@ -13,6 +13,7 @@ identical to a run that never stopped, whether it was stopped by a signal, a cra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -28,6 +29,15 @@ from tqdm import tqdm
 
 from tinygpt.checkpoint import TrainingCheckpoint, Warn, fault_point, save_run_checkpoint, warn_stderr
 from tinygpt.config import TrainConfig
+from tinygpt.distributed import (
+    barrier,
+    batch_generator,
+    max_all,
+    micro_batches,
+    no_sync,
+    seed_dropout,
+    sum_all,
+)
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.optim import batch_size_at, lr_factor, tokens_seen
@@ -44,7 +54,7 @@ from tinygpt.runs import (
     run_lock,
     write_run_config,
 )
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import Tokenizer
 
 
 @dataclass
@@ -55,7 +65,7 @@ class TrainResult:
     val_loss: float
     best_val_loss: float
     model: nn.Module
-    tokenizer: CharTokenizer
+    tokenizer: Tokenizer
     sample: str
 
 
@@ -102,22 +112,27 @@ def train(
     """
     warn = warn or warn_stderr
     run = build_run(cfg, resume, warn, log)
-    with run_lock(run.run_dir):
+    main = run.dist.is_main  # rank 0 of a torchrun job (or the only process) writes the run
+    with run_lock(run.run_dir) if main else contextlib.nullcontext():
         if resume is not None:
-            prepare_resume_dir(run.run_dir, resume, cfg.keep, warn)
+            if main:
+                prepare_resume_dir(run.run_dir, resume, cfg.keep, warn)
             state = LoopState.from_checkpoint(resume.state)
         else:
-            prepare_run_dir(run.run_dir, cfg.overwrite)
-            write_run_config(run.run_dir, cfg)
+            if main:
+                prepare_run_dir(run.run_dir, cfg.overwrite)
+                write_run_config(run.run_dir, cfg)
             state = LoopState(lr=cfg.lr * lr_multiplier(cfg, 0, 0.0), saved_at=time.monotonic())
-        _announce(run, state, resume)
+        barrier(run.dist)  # the other ranks start once the run directory is ready
+        if main:
+            _announce(run, state, resume)
+        hide = (None if progress_bar is None else not progress_bar) if main else True
         bar = tqdm(total=cfg.max_steps if cfg.max_time is None else None, initial=state.step,
-                   disable=(not progress_bar) if progress_bar is not None else None,
-                   unit="step", dynamic_ncols=True, leave=False)
+                   disable=hide, unit="step", dynamic_ncols=True, leave=False)
         try:
             with SignalCatcher(handle_signals) as catcher:
                 if resume is not None:
-                    restore_rng(resume.rng_state, run.batch_gen)  # last: nothing may draw after this
+                    restore_rng(resume.rng_state)
                 train_loop(run, state, bar, catcher,
                            skip_eval=resume is not None and resume.state.get("evaluated"))
         except TrainingInterrupted as e:
@@ -149,8 +164,9 @@ def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
                 save(run, state, record=None, improved=False)
             if done:
                 return
-            if catcher.signum is not None:
-                _stop_for_signal(run, state, catcher.signum)
+            signum = max_all(run.dist, catcher.signum or 0, run.device)  # every rank agrees
+            if signum:
+                _stop_for_signal(run, state, signum)
             loss = training_step(run, state)
             bar.update(1)
             postfix = {"loss": f"{loss:.4f}", "tok/s": f"{state.tokens_per_s:,.0f}"}
@@ -167,18 +183,27 @@ def training_step(run: Run, state: LoopState) -> float:
     state.lr = cfg.lr * factor
     for group in optimizer.param_groups:  # each group follows the curve from its own peak
         group["lr"] = group["base_lr"] * factor
+    # The batch of this step is a function of (seed, step); this process trains on its rows.
     B = batch_size_at(state.step, cfg.batch_size, cfg.batch_start, cfg.batch_warmup_steps)
-    x, y = run.corpus.get_batch("train", B, cfg.block_size, run.batch_gen)
-    x, y = x.to(run.device), y.to(run.device)  # (B, T) inputs and (B, T) next characters
+    x, y = run.corpus.get_batch("train", B, cfg.block_size, batch_generator(cfg.seed, state.step),
+                                rows=run.dist.share(B))
+    x, y = x.to(run.device), y.to(run.device)  # (B/W, T) inputs and (B/W, T) next characters
 
+    optimizer.zero_grad(set_to_none=True)
+    K, losses = cfg.grad_accum, []
     with compile_errors():
-        with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp_dtype is not None):
-            _, loss = run.forward(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for k, (xk, yk) in enumerate(micro_batches(x, y, K)):
+            seed_dropout(cfg.seed, state.step, run.dist.rank, k)
+            # Gradients add up over the micro-batches; DDP averages them over the processes
+            # after the last one. Dividing by K makes the sum a mean over the whole batch.
+            with no_sync(run.ddp, sync=k == K - 1):
+                with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp_dtype is not None):
+                    _, loss = run.forward(xk, yk)
+                (loss / K).backward()
+            losses.append(loss.detach())
     grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                  if cfg.grad_clip > 0 else torch.zeros(()))
-    loss_value = loss.item()
+    loss_value = torch.stack(losses).mean().item()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
         raise TinyGPTError(
             f"loss became {loss_value} (gradient norm {grad_norm.item()}) at step {state.step}; "
@@ -214,13 +239,22 @@ def lr_multiplier(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss over fixed batches, in eval mode (no dropout)."""
+def estimate_loss(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss over fixed batches, in eval mode (no dropout); the processes of a torchrun job
+    share the batches and add up their results."""
+    model, env = run.model, run.dist
     was_training = model.training
     model.eval()
-    losses = [model(x, y)[1].item() for x, y in batches]
+    losses = [model(x, y)[1].item() for x, y in batches[env.rank::env.world_size]]
     model.train(was_training)
-    return sum(losses) / len(losses)
+    total, count = sum_all(env, [sum(losses), len(losses)], run.device)
+    return total / count
+
+
+def bits_per_char(loss_per_token: float, corpus, split: str) -> float:
+    """A loss in nats per token as bits per character of ``split``."""
+    tokens, chars = len(corpus.split(split)), corpus.num_chars(split)
+    return loss_per_token * tokens / max(chars, 1) / math.log(2)
 
 
 def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
@@ -228,12 +262,15 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
     from tinygpt.evaluate import evaluate_tokens
 
     cfg = run.cfg
-    state.train_loss = estimate_loss(run.model, run.eval_batches["train"])
+    state.train_loss = estimate_loss(run, run.eval_batches["train"])
+    corpus = run.corpus
+    val_bpc = None
     if cfg.full_val:
-        state.val_loss = evaluate_tokens(run.model, run.corpus.split("val"), cfg.block_size,
-                                         batch_size=64, device=run.device)["val_loss"]
+        full = evaluate_tokens(run.model, corpus.split("val"), cfg.block_size, batch_size=64,
+                               device=run.device, tokenizer=corpus.tokenizer)
+        state.val_loss, val_bpc = full["val_loss"], full["bits_per_char"]
     else:
-        state.val_loss = estimate_loss(run.model, run.eval_batches["val"])
+        state.val_loss = estimate_loss(run, run.eval_batches["val"])
     if not (math.isfinite(state.train_loss) and math.isfinite(state.val_loss)):
         raise TinyGPTError(
             f"the evaluation at step {state.step} gave loss {state.val_loss}: the weights are no "
@@ -241,6 +278,10 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
         )
     record = {
         "step": state.step, "train_loss": state.train_loss, "val_loss": state.val_loss,
+        # Bits per character, comparable across tokenizers: on batches, the loss per token times
+        # the split's tokens per character (exact over the whole val split with --full-val).
+        "train_bpc": bits_per_char(state.train_loss, corpus, "train"),
+        "val_bpc": val_bpc if val_bpc is not None else bits_per_char(state.val_loss, corpus, "val"),
         "lr": state.lr,
         "tokens": tokens_seen(state.step, cfg.batch_size, cfg.batch_start, cfg.batch_warmup_steps,
                               cfg.block_size),
@@ -252,15 +293,21 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
     # The checkpoint first, then the log line: a resumed run restores the line from the
     # checkpoint if a crash came between the two.
     save(run, state, record, improved)
+    if not run.dist.is_main:
+        return
     with open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     _plot_losses(run.run_dir)
     bar.write(f"step {state.step:>6}: train loss {state.train_loss:.4f}, "
-              f"val loss {state.val_loss:.4f}")
+              f"val loss {state.val_loss:.4f} ({record['val_bpc']:.3f} bits/char)")
 
 
 def save(run: Run, state: LoopState, record: dict | None, improved: bool) -> None:
-    """A checkpoint of everything needed to continue exactly from ``state.step``."""
+    """A checkpoint of everything needed to continue exactly from ``state.step`` (written by rank 0:
+    the replicas are identical)."""
+    state.saved_step, state.saved_at = state.step, time.monotonic()
+    if not run.dist.is_main:
+        return
     ckpt_state = {
         **run.base_state, "step": state.step, "train_loss": state.train_loss,
         "val_loss": state.val_loss,
@@ -268,9 +315,8 @@ def save(run: Run, state: LoopState, record: dict | None, improved: bool) -> Non
         "best_step": state.best_step, "elapsed_s": state.elapsed, "lr": state.lr,
         "tokens_per_s": state.tokens_per_s, "evaluated": record is not None, "metrics": record,
     }
-    save_run_checkpoint(run.run_dir, run.model, run.optimizer, ckpt_state,
-                        capture_rng(run.batch_gen), is_best=improved, keep=run.cfg.keep)
-    state.saved_step, state.saved_at = state.step, time.monotonic()
+    save_run_checkpoint(run.run_dir, run.model, run.optimizer, ckpt_state, capture_rng(),
+                        is_best=improved, keep=run.cfg.keep)
 
 
 def _save_is_due(cfg: TrainConfig, state: LoopState) -> bool:
@@ -281,8 +327,9 @@ def _save_is_due(cfg: TrainConfig, state: LoopState) -> bool:
 
 def _stop_for_signal(run: Run, state: LoopState, signum: int) -> None:
     if state.saved_step != state.step:
-        run.log(f"{signal.Signals(signum).name}: saving a checkpoint at step {state.step} (send "
-                f"it again to abort at once)")
+        if run.dist.is_main:
+            run.log(f"{signal.Signals(signum).name}: saving a checkpoint at step {state.step} (send "
+                    f"it again to abort at once)")
         save(run, state, record=None, improved=False)
     raise TrainingInterrupted(signum, saved=True)
 
@@ -321,7 +368,7 @@ def _announce(run: Run, state: LoopState, resume: TrainingCheckpoint | None) -> 
 def _result(run: Run, state: LoopState) -> TrainResult:
     cfg, tokenizer = run.cfg, run.corpus.tokenizer
     sample = ""
-    if cfg.sample_chars:
+    if cfg.sample_chars and run.dist.is_main:
         block_size = run.base_state["model_config"].get("block_size", 1)
         sample = sample_text(run.model, tokenizer, cfg.sample_chars, seed=cfg.seed,
                              device=run.device, block_size=block_size)
@@ -331,7 +378,7 @@ def _result(run: Run, state: LoopState) -> TrainResult:
 
 def sample_text(
     model: nn.Module,
-    tokenizer: CharTokenizer,
+    tokenizer: Tokenizer,
     num_chars: int,
     seed: int,
     device: torch.device | str = "cpu",

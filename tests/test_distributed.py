@@ -1,0 +1,197 @@
+"""Data-parallel training with torchrun on CPUs: gloo, two processes on 127.0.0.1.
+
+The global batch of a step depends only on (seed, step), so one process with batch 16, two with
+8 rows each, and one with two micro-batches of 8 take the same steps; they differ only in the
+order floats are summed (the gradient average is computed in another order), which after 20 AdamW
+steps of this tiny model stays below 1e-4 in every weight. The same two-process command, killed
+and resumed, repeats the exact arithmetic (one thread per process on a 2-core machine), so its
+weights are bitwise those of a run never killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .resume_helpers import (
+    env,
+    flags,
+    losses,
+    main_in_process,
+    tiny_settings,
+    train_in_process,
+    weights_digest,
+)
+
+DDP = dict(dropout=0.0, batch_size=16, max_steps=20, eval_interval=10)
+
+
+def launch(*train_args) -> list[str]:
+    return [sys.executable, "-m", "tinygpt", "launch", "--standalone", "--nproc-per-node", "2",
+            "train", *map(str, train_args)]
+
+
+def run_launch(*train_args, extra_env: dict | None = None, timeout: float = 300):
+    return subprocess.run(launch(*train_args), env=env(**(extra_env or {})), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def max_weight_gap(a, b) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def loss_gap(a, b) -> float:
+    la, lb = losses(a), losses(b)
+    assert [x[0] for x in la] == [x[0] for x in lb]  # the same evaluation steps
+    return max(abs(x[i] - y[i]) for x, y in zip(la, lb) for i in (1, 2))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One uninterrupted two-process run, shared by the tests below."""
+    root = tmp_path_factory.mktemp("ddp")
+    text = root / "corpus.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox, naive cafe {i * 7}\n"
+                            for i in range(300)), encoding="utf-8")
+    run = root / "two"
+    proc = run_launch(*flags(tiny_settings(text, run, **DDP)))
+    assert proc.returncode == 0, proc.stderr
+    return text, run, proc
+
+
+def test_two_processes_train_one_model_and_rank_0_alone_reports(two_ranks):
+    _, run, proc = two_ranks
+    assert proc.stdout.count("done: 20 steps") == 1  # rank 0 prints, rank 1 does not
+    assert [x[0] for x in losses(run)] == [0, 10, 20]
+    assert (run / "loss.png").is_file() and (run / "config.json").is_file()
+
+
+def test_the_update_does_not_depend_on_the_world_size(two_ranks, tmp_path):
+    """1 x 16, 2 x 8 and 1 x (2 micro-batches of 8): the same steps up to summation order."""
+    text, two, _ = two_ranks
+    one = tmp_path / "one"
+    train_in_process(text, one, **DDP)
+    accum = tmp_path / "accum"
+    train_in_process(text, accum, grad_accum=2, **DDP)
+    assert max_weight_gap(one, two) < 1e-4 and loss_gap(one, two) < 1e-4
+    assert max_weight_gap(one, accum) < 1e-4 and loss_gap(one, accum) < 1e-4
+
+
+def test_a_killed_worker_then_the_same_command_with_resume_ends_bitwise_identical(
+        two_ranks, tmp_path):
+    text, ref, _ = two_ranks
+    run = tmp_path / "run"
+    args = flags(tiny_settings(text, run, **DDP))
+    proc = run_launch(*args, extra_env={"TINYGPT_FAULT_AFTER": "step@13",
+                                        "TINYGPT_FAULT_RANK": "1"})
+    assert proc.returncode == 128 + signal.SIGKILL, proc.stderr  # torchrun stopped the others
+    assert (run / "last").resolve().name == "step-000010"
+    single = tmp_path / "single"
+    shutil.copytree(run, single, symlinks=True)
+    resumed = run_launch(*args, "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert weights_digest(run) == weights_digest(ref)
+    assert losses(run) == losses(ref)
+
+    # The same checkpoint continued by one process: the same batches, other summation order.
+    assert main_in_process("train", "--resume", single, "--out", single) == 0
+    assert loss_gap(single, ref) < 1e-4 and max_weight_gap(single, ref) < 1e-4
+
+
+def test_sigterm_to_the_launcher_saves_one_checkpoint_that_every_rank_agrees_on(two_ranks, tmp_path):
+    """The ranks agree on the step to stop at (a signal on any rank stops all at the same step);
+    rank 0 saves it and alone reports it; the launcher exits 143."""
+    text, _, _ = two_ranks
+    run = tmp_path / "run"
+    settings = tiny_settings(text, run, **{**DDP, "max_steps": 100_000, "eval_interval": 100_000,
+                                           "save_every": "300ms"})
+    proc = subprocess.Popen(launch(*flags(settings)), env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    seen = 0
+    while seen == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        if (run / "last").exists():
+            seen = json.loads((run / "last" / "state.json").read_text())["step"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [x for x in err.splitlines() if "stopped by SIGTERM" in x]
+    assert len(lines) == 1  # one report, from rank 0
+    step = json.loads((run / "last" / "state.json").read_text())["step"]
+    assert step >= seen > 0 and f"at step {step}, checkpoint saved (step {step})" in lines[0]
+    assert "the same launch command with train --resume" in lines[0]
+
+
+def test_a_bad_data_path_stops_the_whole_job_with_one_line(tmp_path):
+    proc = run_launch("--data", tmp_path / "missing.txt", "--out", tmp_path / "run", timeout=120)
+    assert proc.returncode == 2
+    errors = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    assert errors == [f"tinygpt launch: error: no such file or directory: {tmp_path / 'missing.txt'}"]
+    assert "Traceback" not in proc.stderr
+    # Plain torchrun: each rank says what is wrong and the job ends (torchrun's own exit status).
+    start = time.monotonic()
+    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", "-m", "tinygpt", "train", "--data",
+                            str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")],
+                           env=env(), capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0 and time.monotonic() - start < 120
+    assert "tinygpt train: error: no such file or directory" in plain.stderr
+
+
+def test_a_batch_that_does_not_split_is_refused_before_any_process_starts(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh" * 200, encoding="utf-8")
+    proc = run_launch(*flags(tiny_settings(text, tmp_path / "run", batch_size=9)), timeout=120)
+    assert proc.returncode == 2
+    assert "--batch-size 9 does not split into 2 process(es)" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_on_localhost(two_ranks, tmp_path):
+    """Two launches with --nnodes 2 (one process each) meet at a c10d rendezvous on 127.0.0.1
+    and train the same model as one launch with two processes."""
+    text, ref, _ = two_ranks
+    run = tmp_path / "run"
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "tinygpt", "launch", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+               "--rdzv-id", "tinygpt-test", "train", *flags(tiny_settings(text, run, **DDP))]
+        procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert max_weight_gap(run, ref) < 1e-4
+
+
+def test_the_environment_of_one_process_is_a_world_of_one():
+    from tinygpt.distributed import SINGLE, env_from_torchrun
+
+    assert os.environ.get("WORLD_SIZE") is None and env_from_torchrun() == SINGLE
+    assert SINGLE.share(32) == slice(0, 32)
