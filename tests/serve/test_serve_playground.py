@@ -6,11 +6,13 @@ browser; ``pip install playwright`` the driver -- never ``playwright install``).
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -133,3 +135,78 @@ def test_playground_behind_api_key(browser, make_server):
     with pytest.raises(sync_api.Error):  # the browser asks for a login; headless, it gives up
         anonymous.new_page().goto(s.url + "/")
     anonymous.close()
+
+
+def test_look_inside_bars_and_attention_heatmap(browser, make_server, checkpoint, tmp_path):
+    """Hover a generated character: its top-5 bars match the API's logprobs; the layer/head
+    picker redraws the heatmap; all of it reachable from the keyboard."""
+    s = make_server()
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(s.url + "/")
+    page.locator("#model-info").get_by_text("tiny", exact=True).wait_for()
+    page.fill("#prompt", "To be")
+    page.fill("#max-tokens", "11")  # 5 + 11 = the whole context of the test model
+    page.locator("#temperature").fill("0.8")
+    page.fill("#seed", "42")
+    page.click("#generate")
+    expect(page.locator("#stats")).to_contain_text("done")
+    spans = page.locator("#out-text .ch")
+    expect(spans).to_have_count(11)
+    text = page.locator("#out-text").text_content()
+
+    # the same request through the API gives the probabilities the bars must show
+    request = {"model": "tiny", "prompt": "To be", "max_tokens": 11, "temperature": 0.8,
+               "seed": 42, "logprobs": 5}
+    api = httpx.post(s.url + "/v1/completions", json=request, timeout=30).json()["choices"][0]
+    assert api["text"] == text
+
+    def bars() -> list[tuple[str, str]]:
+        items = page.locator("#next-bars li")
+        return [(items.nth(i).locator(".bar-label").text_content(),
+                 items.nth(i).locator(".bar-value").text_content()) for i in range(items.count())]
+
+    def expected(i: int) -> list[tuple[str, str]]:
+        ranked = sorted(api["logprobs"]["top_logprobs"][i].items(), key=lambda kv: -kv[1])
+        shown = ranked[:5] + [kv for kv in ranked[5:] if kv[0] == text[i]]
+        names = {" ": "␣", "\n": "↵", "\t": "⇥"}
+        return [(names.get(ch, ch), f"{100 * math.exp(lp):.1f}%") for ch, lp in shown]
+
+    spans.nth(3).hover()
+    expect(page.locator("#next-bars li")).to_have_count(len(expected(3)))
+    assert bars() == expected(3)
+    assert page.locator("#next-bars li.chosen .bar-label").text_content() == expected(3)[
+        [ch for ch, _ in expected(3)].index({" ": "␣", "\n": "↵"}.get(text[3], text[3]))][0]
+    assert "Character 4" in page.locator("#next-caption").text_content()
+
+    # keyboard: the selected character is the tab stop; arrows move and update the bars
+    spans.nth(3).focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#next-caption")).to_contain_text("Character 5")
+    assert page.evaluate("document.activeElement.dataset.i") == "4"
+    assert bars() == expected(4)
+
+    # the heatmap: drawn for layer 0 head 0, redrawn for another head
+    heatmap = page.locator("#heatmap")
+    expect(heatmap).to_have_attribute("data-state", "ready")
+    assert page.locator("#head option").count() == checkpoint.model.config.n_head
+    assert page.locator("#layer option").count() == checkpoint.model.config.n_layer
+    before = page.evaluate("document.getElementById('heatmap').toDataURL()")
+    page.select_option("#head", "1")
+    expect(heatmap).to_have_attribute("data-head", "1")
+    after = page.evaluate("document.getElementById('heatmap').toDataURL()")
+    assert after != before
+    assert "head 1" in page.locator("#heatmap-caption").text_content()
+    page.focus("#head")  # the pickers are keyboard reachable too
+    page.keyboard.press("ArrowUp")
+    expect(heatmap).to_have_attribute("data-head", "0")
+    assert page.evaluate("document.getElementById('heatmap').toDataURL()") == before
+
+    spans.nth(6).hover()
+    expect(page.locator("#next-caption")).to_contain_text("Character 7")
+    page.screenshot(path=str(tmp_path / "look-inside.png"), full_page=True)
+    shutil.copy(tmp_path / "look-inside.png", Path("/tmp") / "tinygpt-look-inside.png")
+    assert problems == [], problems
+    page.close()

@@ -1,10 +1,21 @@
-// The playground: streams a completion from /v1/completions into the page.
+// The playground: streams a completion from /v1/completions into the page, and looks inside:
+// the next-character probabilities behind every generated character (the API's logprobs) and
+// the attention weights of every layer and head (/v1/tinygpt/attention) as a heatmap.
 // Model output only ever becomes text nodes (never HTML), so it cannot inject markup.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const TOP = 5; // alternatives shown per character (the API's largest logprobs)
+const HEATMAP_CHARS = 64; // the heatmap shows at most the last 64 characters
 let model = null;
 let controller = null;
+// What the "look inside" view knows about the current output.
+const look = {
+  spans: [], // one <span> per generated character
+  tops: [], // per generated character: {char: logprob} of the most likely next characters
+  selected: -1, // the character whose probabilities are shown
+  maps: null, // the attention route's answer for the end of the text
+};
 
 function showError(message) {
   const box = $("error");
@@ -67,6 +78,7 @@ function requestBody() {
     prompt: $("prompt").value,
     max_tokens: Math.trunc(Number($("max-tokens").value)),
     temperature: Number($("temperature").value),
+    logprobs: TOP,
     stream: true,
     stream_options: { include_usage: true },
   };
@@ -103,10 +115,11 @@ async function generate() {
   if (model === null || controller !== null) return;
   showError("");
   const body = requestBody();
-  const text = document.createTextNode("");
   $("out-prompt").textContent = body.prompt;
-  $("out-text").replaceChildren(text);
+  $("out-text").replaceChildren();
+  resetLook();
   const output = $("output");
+  let generated = "";
   const started = performance.now();
   let chars = 0;
   let finish = null;
@@ -134,7 +147,8 @@ async function generate() {
       const message = JSON.parse(data);
       if (message.error) throw new Error(message.error.message);
       for (const choice of message.choices) {
-        text.appendData(choice.text);
+        addCharacters(choice.text, choice.logprobs);
+        generated += choice.text;
         chars += [...choice.text].length;
         if (choice.finish_reason) finish = choice.finish_reason === "length" ? "done" : "stop string";
       }
@@ -155,6 +169,183 @@ async function generate() {
     controller = null;
     setBusy(false);
   }
+  if (generated) loadAttention(body.prompt + generated);
+}
+
+// --- look inside: next-character probabilities -------------------------------------------
+
+// How a character is shown on its own (a label, an axis): blanks and controls made visible.
+function visible(ch) {
+  const names = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
+  if (names[ch]) return names[ch];
+  const code = ch.codePointAt(0);
+  if (code < 0x20 || (code >= 0x7f && code < 0xa0)) return "\\x" + code.toString(16).padStart(2, "0");
+  return ch;
+}
+
+function resetLook() {
+  look.spans = [];
+  look.tops = [];
+  look.selected = -1;
+  look.maps = null;
+  $("next-bars").replaceChildren();
+  $("next-caption").textContent =
+    "Hover, tap or focus a generated character (arrow keys move) to see what the model expected there.";
+  for (const id of ["layer", "head"]) {
+    $(id).replaceChildren();
+    $(id).disabled = true;
+  }
+  const canvas = $("heatmap");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  canvas.dataset.state = "empty";
+  $("heatmap-caption").textContent = "Generate some text to see where each head looks.";
+}
+
+// One focusable <span> per character, so each can be pointed at; logprobs may be absent.
+function addCharacters(text, logprobs) {
+  const chars = [...text];
+  chars.forEach((ch, k) => {
+    const span = document.createElement("span");
+    span.className = "ch";
+    span.textContent = ch;
+    span.dataset.i = String(look.spans.length);
+    span.tabIndex = look.spans.length === 0 ? 0 : -1; // one tab stop; arrows move inside
+    look.tops.push(logprobs && logprobs.top_logprobs ? logprobs.top_logprobs[k] : null);
+    look.spans.push(span);
+    $("out-text").append(span);
+  });
+}
+
+function select(i, focus) {
+  if (i < 0 || i >= look.spans.length) return;
+  if (look.selected >= 0) {
+    look.spans[look.selected].classList.remove("selected");
+    look.spans[look.selected].tabIndex = -1;
+  }
+  look.selected = i;
+  const span = look.spans[i];
+  span.classList.add("selected");
+  span.tabIndex = 0;
+  if (focus) span.focus();
+  showBars(i);
+}
+
+function showBars(i) {
+  const chosen = look.spans[i].textContent;
+  const top = look.tops[i];
+  const list = $("next-bars");
+  list.replaceChildren();
+  if (!top) {
+    $("next-caption").textContent = `Character ${i + 1}: no probabilities were sent for it.`;
+    return;
+  }
+  $("next-caption").textContent =
+    `Character ${i + 1} of the output is “${visible(chosen)}”. Before it, the model expected:`;
+  const ranked = Object.entries(top).sort((a, b) => b[1] - a[1]);
+  const shown = ranked.slice(0, TOP);
+  if (!shown.some(([ch]) => ch === chosen)) shown.push(ranked.find(([ch]) => ch === chosen));
+  for (const [ch, logprob] of shown) {
+    const p = Math.exp(logprob);
+    const item = document.createElement("li");
+    item.classList.toggle("chosen", ch === chosen);
+    const label = document.createElement("span");
+    label.className = "bar-label";
+    label.textContent = visible(ch);
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.className = "bar-fill";
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    bar.append(fill);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = `${(100 * p).toFixed(1)}%`;
+    item.append(label, bar, value);
+    list.append(item);
+  }
+}
+
+function spanIndex(target) {
+  return target instanceof HTMLElement && target.classList.contains("ch") ? Number(target.dataset.i) : -1;
+}
+
+// --- look inside: attention heatmap ------------------------------------------------------
+
+async function loadAttention(fullText) {
+  const context = (model.tinygpt && model.tinygpt.block_size) || HEATMAP_CHARS;
+  const text = [...fullText].slice(-Math.min(context, HEATMAP_CHARS)).join("");
+  const canvas = $("heatmap");
+  canvas.dataset.state = "loading";
+  try {
+    const response = await fetch("/v1/tinygpt/attention", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: model.id, text }),
+    });
+    const body = await response.json();
+    if (!response.ok) throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
+    look.maps = body;
+  } catch (e) {
+    canvas.dataset.state = "error";
+    $("heatmap-caption").textContent = "No attention to show: " + e.message;
+    return;
+  }
+  fillPicker("layer", look.maps.layers);
+  fillPicker("head", look.maps.heads);
+  drawHeatmap();
+}
+
+function fillPicker(id, values) {
+  const picker = $(id);
+  picker.replaceChildren(...values.map((v) => new Option(String(v), String(v))));
+  picker.disabled = false;
+}
+
+function drawHeatmap() {
+  const maps = look.maps;
+  if (!maps) return;
+  const li = maps.layers.indexOf(Number($("layer").value));
+  const hi = maps.heads.indexOf(Number($("head").value));
+  const rows = maps.weights[li][hi]; // rows[q][k]: how much character q looks at character k
+  const tokens = maps.tokens;
+  const n = tokens.length;
+  const cell = Math.max(8, Math.min(18, Math.floor(560 / n)));
+  const margin = 22;
+  const canvas = $("heatmap");
+  const ratio = window.devicePixelRatio || 1;
+  const size = margin + n * cell + 2;
+  canvas.width = size * ratio;
+  canvas.height = size * ratio;
+  canvas.style.width = `${size}px`; // the height follows (the CSS caps the width)
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  const css = getComputedStyle(document.body);
+  ctx.fillStyle = css.getPropertyValue("--panel") || "#fff";
+  ctx.fillRect(0, 0, size, size);
+  const hot = css.getPropertyValue("--heat").trim() || "59, 91, 219";
+  for (let q = 0; q < n; q++) {
+    for (let k = 0; k < rows[q].length; k++) {
+      ctx.fillStyle = `rgba(${hot}, ${rows[q][k]})`;
+      ctx.fillRect(margin + k * cell, margin + q * cell, cell, cell);
+    }
+  }
+  ctx.fillStyle = css.getPropertyValue("--text") || "#000";
+  ctx.font = `${Math.min(12, cell)}px ui-monospace, Menlo, Consolas, monospace`;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  tokens.forEach((ch, i) => {
+    const label = visible(ch);
+    ctx.fillText(label, margin + i * cell + cell / 2, margin / 2); // columns: where it looks
+    ctx.fillText(label, margin / 2, margin + i * cell + cell / 2); // rows: who looks
+  });
+  canvas.dataset.state = "ready";
+  canvas.dataset.layer = String(maps.layers[li]);
+  canvas.dataset.head = String(maps.heads[hi]);
+  canvas.setAttribute("aria-label",
+    `attention of layer ${maps.layers[li]}, head ${maps.heads[hi]} over the last ${n} characters`);
+  $("heatmap-caption").textContent =
+    `Layer ${maps.layers[li]}, head ${maps.heads[hi]}, the last ${n} characters: row = the ` +
+    "character that looks, column = the character it looks at; darker = more attention.";
 }
 
 function bindValue(inputId, outputId, digits) {
@@ -174,6 +365,19 @@ document.addEventListener("DOMContentLoaded", () => {
       generate();
     }
   });
+  const out = $("out-text");
+  out.addEventListener("mouseover", (e) => { const i = spanIndex(e.target); if (i >= 0) select(i, false); });
+  out.addEventListener("click", (e) => { const i = spanIndex(e.target); if (i >= 0) select(i, true); });
+  out.addEventListener("focusin", (e) => { const i = spanIndex(e.target); if (i >= 0) select(i, false); });
+  out.addEventListener("keydown", (e) => {
+    const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[e.key];
+    if (step === undefined || look.selected < 0) return;
+    e.preventDefault();
+    select(Math.max(0, Math.min(look.spans.length - 1, look.selected + step)), true);
+  });
+  $("layer").addEventListener("change", drawHeatmap);
+  $("head").addEventListener("change", drawHeatmap);
+  resetLook();
   setBusy(false);
   loadModel();
 });
