@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import transformers  # noqa: E402  (the dev extra; after HF_HUB_OFFLINE)
 
+from tinygpt.checkpoint import load_checkpoint  # noqa: E402
 from tinygpt.config import TrainConfig  # noqa: E402
 from tinygpt.errors import TinyGPTError  # noqa: E402
 from tinygpt.generate import SamplingConfig, generate_tokens  # noqa: E402
@@ -249,8 +250,6 @@ def test_round_trip_gives_identical_weights(options, bpe, tmp_path):
 def test_cli_export_and_import_of_a_trained_char_run(small_text, tmp_path):
     """A trained run exports through the CLI, loads in transformers with the same logits, and
     imports back as a run that samples with the same weights."""
-    from tinygpt.checkpoint import load_checkpoint
-
     run = tmp_path / "run"
     train_in_process(small_text, run, max_steps=4, eval_interval=2)
     assert main_in_process("export", run, tmp_path / "hf") == 0
@@ -319,3 +318,31 @@ def test_export_refusal_via_cli_is_one_line(small_text, tmp_path, capsys):
     assert main_in_process("export", run, tmp_path / "hf") == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "logit_softcap" in err
+
+
+def test_imported_gpt2_samples_evaluates_and_fine_tunes(bpe, tmp_path, capsys):
+    """A GPT-2 directory with a byte-level BPE tokenizer (and a vocabulary padded beyond it)
+    becomes a run that the other commands use as they use any run."""
+    hf_model = save_gpt2(tmp_path / "gpt2", bpe)
+    run = tmp_path / "imported"
+    assert main_in_process("import", tmp_path / "gpt2", "--out", run) == 0
+    ckpt = load_checkpoint(run)
+    assert ckpt.tokenizer == bpe and ckpt.model.config.vocab_size == bpe.vocab_size + 5
+    x = torch.tensor([bpe.encode("Whether 'tis nobler")])
+    with torch.no_grad():
+        assert (ckpt.model(x)[0] - hf_model(x).logits).abs().max().item() < TOL
+
+    text = tmp_path / "own.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    capsys.readouterr()
+    assert main_in_process("sample", run, "--prompt", "To be 😀", "--num-chars", "6",
+                           "--seed", "0") == 0
+    assert capsys.readouterr().out.startswith("To be 😀")
+    assert main_in_process("eval", run, "--data", text, "--json") == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["tokens"] > 0 and ev["bits_per_char"] > 0
+    assert main_in_process("train", "--init-from", run, "--data", text, "--out", tmp_path / "ft",
+                           "--max-steps", "2", "--eval-interval", "2", "--eval-iters", "1",
+                           "--batch-size", "2", "--sample-chars", "0", "--device", "cpu") == 0
+    ft = load_checkpoint(tmp_path / "ft")
+    assert ft.tokenizer == bpe and ft.model.config == ckpt.model.config

@@ -644,7 +644,9 @@ def stream(
 ) -> Iterator[Piece]:
     """Sample ``num_samples`` continuations of ``prompt`` in one batch; yield text as it comes.
 
-    ``tokenizer`` needs ``encode(str) -> list[int]`` and ``decode(list[int]) -> str``. Sample i
+    ``tokenizer`` needs ``encode(str) -> list[int]`` and ``decode(list[int]) -> str``; with a
+    ``text_decoder()`` (``tinygpt.tokenizer``) the text comes in whole characters, a byte-level
+    token that ends inside one waiting for the rest. Sample i
     draws from its own generator seeded ``seed + i`` (random if ``seed`` is None), so batching
     does not change the texts. Pieces of different samples interleave; each sample ends with one
     piece whose ``finish`` is set. The prompt is not repeated in the output.
@@ -663,10 +665,11 @@ def stream(
     prompt_ids = tokenizer.encode(prompt)
     states = [engine.new_sequence(prompt_ids) for _ in range(num_samples)]
     texts = [TextStream(stop) for _ in range(num_samples)]
+    decoders = [_text_decoder(tokenizer) for _ in range(num_samples)]
     gens = [make_generator(None if seed is None else seed + i, engine.device)
             for i in range(num_samples)]
     if not use_cache:
-        yield from _stream_reference(engine, tokenizer, prompt_ids, max_new_tokens, sampling,
+        yield from _stream_reference(engine, decoders, prompt_ids, max_new_tokens, sampling,
                                      texts, gens)
         return
     active = list(range(num_samples))
@@ -682,7 +685,7 @@ def stream(
         still = []
         for i, tok in zip(active, chosen, strict=True):
             engine.append(states[i], tok)
-            piece = texts[i].feed(tokenizer.decode([tok]))
+            piece = texts[i].feed(decoders[i].push(tok))
             if texts[i].stopped:
                 engine.release(states[i])
                 yield Piece(i, piece, "stop")
@@ -692,16 +695,40 @@ def stream(
             still.append(i)
         active = still
     for i in active:
-        yield Piece(i, texts[i].finish(), "length")
+        yield Piece(i, _finish(texts[i], decoders[i]), "length")
 
 
-def _stream_reference(engine, tokenizer, prompt_ids, max_new_tokens, sampling, texts, gens):
-    for i, (text, gen) in enumerate(zip(texts, gens, strict=True)):
+class _DecodeEach:
+    """For tokenizers without ``text_decoder``: every token decoded on its own."""
+
+    def __init__(self, tokenizer) -> None:
+        self._decode = tokenizer.decode
+
+    def push(self, token: int) -> str:
+        return self._decode([token])
+
+    def flush(self) -> str:
+        return ""
+
+
+def _text_decoder(tokenizer):
+    make = getattr(tokenizer, "text_decoder", None)
+    return make() if make is not None else _DecodeEach(tokenizer)
+
+
+def _finish(text: TextStream, decoder) -> str:
+    """The rest of a sample that ran out of tokens: bytes of an unfinished character (as U+FFFD,
+    like ``decode``) and whatever the stop-string check held back."""
+    return text.feed(decoder.flush()) + text.finish()
+
+
+def _stream_reference(engine, decoders, prompt_ids, max_new_tokens, sampling, texts, gens):
+    for i, (text, gen, decoder) in enumerate(zip(texts, gens, decoders, strict=True)):
         idx = torch.tensor([prompt_ids], dtype=torch.long, device=engine.device)
         tokens = generate_tokens(engine.model, idx, max_new_tokens, sampling, gen,
                                  engine.block_size, engine.window_shift)
         for t in tokens:
-            piece = text.feed(tokenizer.decode([int(t[0])]))
+            piece = text.feed(decoder.push(int(t[0])))
             if text.stopped:
                 tokens.close()
                 yield Piece(i, piece, "stop")
@@ -709,7 +736,7 @@ def _stream_reference(engine, tokenizer, prompt_ids, max_new_tokens, sampling, t
             if piece:
                 yield Piece(i, piece)
         else:
-            yield Piece(i, text.finish(), "length")
+            yield Piece(i, _finish(text, decoder), "length")
 
 
 def generate_text(

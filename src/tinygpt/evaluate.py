@@ -2,8 +2,10 @@
 
 The split is cut into consecutive, non-overlapping windows of ``block_size`` tokens (the last one
 may be shorter); every token after the first is predicted exactly once. The mean cross-entropy
-is reported in nats (``val_loss``) and in bits per character (``val_loss / ln 2``; one token is
-one character).
+is reported in nats per token (``val_loss``) and in bits per character: the total loss in nats
+over the predicted tokens, divided by the number of characters they spell and by ln 2. With one
+token per character the two differ only by the factor ln 2; with BPE a token spells several
+characters, and bits per character is the figure that compares tokenizers fairly.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ def evaluate_tokens(
     block_size: int,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    tokenizer=None,
 ) -> dict:
-    """Mean loss of ``model`` over ``tokens`` (a 1-D array) in windows of ``block_size``."""
+    """Mean loss of ``model`` over ``tokens`` (a 1-D array) in windows of ``block_size``.
+
+    ``tokenizer`` tells how many characters the predicted tokens spell (default: one each).
+    """
     n = len(tokens) - 1  # number of predictions
     if n < 1:
         raise ValueError("need at least two tokens to evaluate")
@@ -46,7 +52,21 @@ def evaluate_tokens(
     finally:
         model.train(was_training)
     loss = total / n
-    return {"val_loss": loss, "bits_per_char": loss / math.log(2), "tokens": n}
+    chars = n if tokenizer is None else count_chars(tokenizer, tokens[1:])
+    return {"val_loss": loss, "bits_per_char": total / max(chars, 1) / math.log(2), "tokens": n,
+            "chars": chars}
+
+
+def count_chars(tokenizer, tokens: np.ndarray, chunk: int = 1 << 16) -> int:
+    """Characters that ``tokens`` decode to, counted chunk by chunk (a long split never becomes
+    one Python string)."""
+    if getattr(tokenizer, "kind", "char") == "char":
+        return len(tokens)
+    decoder = tokenizer.text_decoder()
+    n = 0
+    for i in range(0, len(tokens), chunk):
+        n += len(decoder.push_many(np.asarray(tokens[i : i + chunk]).tolist()))
+    return n + len(decoder.flush())
 
 
 def _sum_loss(model: nn.Module, chunk: torch.Tensor) -> float:
