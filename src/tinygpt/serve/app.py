@@ -173,6 +173,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def json_body(request: Request, limit: int) -> dict | None:
+    """The request's JSON object (``ApiError`` if it is not one); None if the client left."""
+    try:
+        return parse_json(await read_body(request, limit))
+    except ClientDisconnect:
+        return None
+
+
 class Mailbox:
     """Carries items from the worker thread to requests' asyncio queues.
 
@@ -324,11 +332,10 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        try:
-            body = await read_body(request, limits.max_body_bytes)
-        except ClientDisconnect:
+        obj = await json_body(request, limits.max_body_bytes)
+        if obj is None:
             return Response(status_code=400)
-        spec = check_completion(parse_json(body), info.id, tokenizer, limits)
+        spec = check_completion(obj, info.id, tokenizer, limits)
         queue: asyncio.Queue = asyncio.Queue()
         scheduler: Scheduler = request.app.state.scheduler
         try:
@@ -346,13 +353,12 @@ def create_app(
         return await _respond(request, job, spec, queue, meta)
 
     @app.post("/v1/tinygpt/attention")
-    async def attention(request: Request) -> JSONResponse:
-        try:
-            body = await read_body(request, limits.max_body_bytes)
-        except ClientDisconnect:
+    async def attention(request: Request) -> Response:
+        obj = await json_body(request, limits.max_body_bytes)
+        if obj is None:
             return Response(status_code=400)
         config = engine.model.config
-        query = check_attention(parse_json(body), info.id, tokenizer,
+        query = check_attention(obj, info.id, tokenizer,
                                 getattr(config, "n_layer", 0), getattr(config, "n_head", 0),
                                 info.block_size)
         idx = torch.tensor(query.ids, dtype=torch.long, device=engine.device)  # (T,)
