@@ -91,13 +91,15 @@ def test_forced_layouts_are_the_ones_used():
         engine.step([s])
         engine.append(s, 2)
         engine.step([s])
-        step = engine._decoder
-        lins = [lin for layer in step.layers for lin in layer.values()] + [step.head]
+        lins = engine._decoder.linears()
+        weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(lins) == len(weights) == 2 * 4 + 1
         assert {lin.transposed for lin in lins} == {transposed}
-        if transposed:  # a contiguous (in, out) copy of the same numbers
-            for lin in lins:
-                assert lin.weight.is_contiguous()
-                assert torch.equal(lin.weight, lin.linear.weight.t())
+        for lin, w in zip(lins, weights):
+            if transposed:  # a contiguous (in, out) copy of the same numbers
+                assert lin.weight.is_contiguous() and torch.equal(lin.weight, w.t())
+            else:
+                assert lin.weight is w
 
 
 def test_the_layouts_are_measured_once_per_process(monkeypatch):
@@ -135,6 +137,13 @@ def test_changed_weights_are_not_decoded_with_a_stale_copy():
     t = engine.new_sequence([4, 5])
     engine.step([t])
     engine.append(t, 6)
+    torch.testing.assert_close(engine.step([t])[0], reference_logits(model, t.tokens),
+                               atol=1e-5, rtol=0)
+    # A parameter replaced by a new one (not changed in place) is noticed too. (Both come after
+    # the last layer's attention, so the keys already cached stay valid.)
+    model.ln_f.weight = torch.nn.Parameter(torch.full_like(model.ln_f.weight, 0.5))
+    model.blocks[1].mlp.c_fc.bias = torch.nn.Parameter(torch.ones_like(model.blocks[1].mlp.c_fc.bias))
+    engine.append(t, 7)
     torch.testing.assert_close(engine.step([t])[0], reference_logits(model, t.tokens),
                                atol=1e-5, rtol=0)
 

@@ -235,33 +235,28 @@ def measure_decode_layouts(weights: Sequence[torch.Tensor], rounds: int = 5
 
 
 class DecodeLinear:
-    """An ``nn.Linear`` for decode steps: y = x W^T + b with W as stored or a transposed copy."""
+    """An ``nn.Linear`` for decode steps: y = x W^T + b, with W as stored or a transposed copy."""
 
-    __slots__ = ("linear", "source", "version", "pointer", "weight", "transposed")
+    __slots__ = ("weight", "bias", "transposed")
 
-    def __init__(self, linear: nn.Linear, transposed: bool) -> None:
-        self.linear = linear
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> None:
         self.transposed = transposed
-        self.source = linear.weight
-        self.version = linear.weight._version
-        self.pointer = linear.weight.data_ptr()
-        # (in, out) row-major: x @ weight streams it row by row.
-        self.weight = linear.weight.detach().t().contiguous() if transposed else None
+        # Transposed: (in, out) row-major, so that x @ weight adds up its rows scaled by x.
+        self.weight = weight.detach().t().contiguous() if transposed else weight
+        self.bias = bias
 
-    def fresh(self) -> bool:
-        """False once the layer's weights changed (an optimizer step, a load, a new tensor):
-        the transposed copy would be stale."""
-        w = self.linear.weight
-        return not self.transposed or (
-            w is self.source and w._version == self.version and w.data_ptr() == self.pointer)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, in) -> (B, 1, out)
-        lin = self.linear
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (B, in) -> (B, out)
         if not self.transposed:
-            return F.linear(x, lin.weight, lin.bias)
-        x2 = x.view(-1, x.size(-1))  # (B, in)
-        y = x2 @ self.weight if lin.bias is None else torch.addmm(lin.bias, x2, self.weight)
-        return y.view(*x.shape[:-1], y.size(-1))
+            return F.linear(x, self.weight, self.bias)
+        return x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+
+
+class _DecodeLayer:
+    """What a decode step uses of one block, looked up once: norms as plain functions, the
+    linear layers in their decode layout."""
+
+    __slots__ = ("ln_1", "q_norm", "k_norm", "n_head", "c_attn", "attn_proj", "ln_2", "mlp",
+                 "c_fc", "c_gate", "mlp_proj")
 
 
 def fast_decode_supported(model: nn.Module) -> bool:
@@ -285,9 +280,12 @@ class DecodeStep:
     """``GPT.forward`` with a cache for one new token per row, its linear layers in the layout
     chosen for this CPU (``layout``: "linear", "transposed" or "auto").
 
-    Step for step the arithmetic of the model's forward with T = 1 -- the model's own embedding
-    tables, norm modules, ``apply_rope``, the same ``KVCache`` and attention -- minus what one
-    position in eval mode does not need (dropout, causal masks, shape bookkeeping).
+    It is the arithmetic of the model's forward for T = 1 -- the model's own embedding tables,
+    norms, ``apply_rope``, the same ``KVCache`` and attention -- minus what one position in eval
+    mode does not need: dropout, causal masks, the time axis. Activations are (B, C) rather than
+    (B, 1, C), and with a single position the heads' (B, H, 1, D) layout is already the memory
+    order of (B, C): no transposes. Everything it needs from the model is looked up once; each
+    step checks (cheaply) that none of it was replaced or, for the copied matrices, changed.
     """
 
     def __init__(self, model: GPT, layout: str) -> None:
@@ -303,56 +301,109 @@ class DecodeStep:
             self.choice = _MEASURED_LAYOUTS[key]  # (out, in) -> layout
         else:
             self.choice = {tuple(m.weight.shape): layout for m in linears}
-        self.layers: list[dict[str, DecodeLinear]] = []
-        self.head: DecodeLinear | None = None
         self._build()
 
-    def _build(self) -> None:
-        def wrap(m: nn.Linear) -> DecodeLinear:
-            return DecodeLinear(m, self.choice[tuple(m.weight.shape)] == "transposed")
+    # --- what the step uses of the model, and whether it is still current ---------------------
 
-        self.layers = [{name: wrap(m) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-                       for block in self.model.blocks]
-        self.head = wrap(self.model.lm_head)
+    def _build(self) -> None:
+        m = self.model
+        self._watch: list[tuple[dict, str, torch.Tensor | None]] = []  # (table, name, tensor)
+        self._copies: list[tuple[torch.Tensor, int, int]] = []  # (source, version, address)
+        self.wte = self._ref(m.wte, "weight")
+        self.wpe = None if m.wpe is None else self._ref(m.wpe, "weight")
+        self.rope_rot = None if m.wpe is not None else self._ref(m, "rope_rot", "_buffers")
+        self.layers = [self._layer(block) for block in m.blocks]
+        self.ln_f = self._norm(m.ln_f)
+        self.head = self._linear(m.lm_head)
+        self.softcap = m.config.logit_softcap
+
+    def _ref(self, module: nn.Module, name: str, table: str = "_parameters"):
+        """``module.<name>`` (a parameter or a buffer), remembered so that a replacement shows."""
+        entries = getattr(module, table)
+        self._watch.append((entries, name, entries[name]))
+        return entries[name]
+
+    def _linear(self, linear: nn.Linear) -> DecodeLinear:
+        weight, bias = self._ref(linear, "weight"), self._ref(linear, "bias")
+        transposed = self.choice[tuple(weight.shape)] == "transposed"
+        if transposed:  # a copy: stale once the weights change in place
+            self._copies.append((weight, weight._version, weight.data_ptr()))
+        return DecodeLinear(weight, bias, transposed)
+
+    def _norm(self, norm: nn.Module):
+        """The norm's forward as a plain function call (nn.Module's call costs more than a small
+        norm); another kind of module is called as it is."""
+        if type(norm) is nn.LayerNorm:
+            return functools.partial(F.layer_norm, normalized_shape=norm.normalized_shape,
+                                     weight=self._ref(norm, "weight"),
+                                     bias=self._ref(norm, "bias"), eps=norm.eps)
+        if type(norm) is nn.RMSNorm:
+            return functools.partial(F.rms_norm, normalized_shape=norm.normalized_shape,
+                                     weight=self._ref(norm, "weight"), eps=norm.eps)
+        return norm
+
+    def _layer(self, block: nn.Module) -> _DecodeLayer:
+        layer = _DecodeLayer()
+        attn, mlp = block.attn, block.mlp
+        layer.ln_1, layer.ln_2 = self._norm(block.ln_1), self._norm(block.ln_2)
+        layer.q_norm = None if attn.q_norm is None else self._norm(attn.q_norm)
+        layer.k_norm = None if attn.k_norm is None else self._norm(attn.k_norm)
+        layer.n_head = attn.n_head
+        layer.c_attn, layer.attn_proj = self._linear(attn.c_attn), self._linear(attn.c_proj)
+        layer.mlp = mlp.kind
+        layer.c_fc, layer.mlp_proj = self._linear(mlp.c_fc), self._linear(mlp.c_proj)
+        layer.c_gate = self._linear(mlp.c_gate) if mlp.kind == "swiglu" else None
+        return layer
+
+    def linears(self) -> list[DecodeLinear]:
+        """Every linear layer of the step, in model order."""
+        names = ("c_attn", "attn_proj", "c_gate", "c_fc", "mlp_proj")
+        found = [getattr(layer, n) for layer in self.layers for n in names]
+        return [lin for lin in found if lin is not None] + [self.head]
+
+    def _current(self) -> bool:
+        return (all(entries[name] is t for entries, name, t in self._watch)
+                and all(w._version == v and w.data_ptr() == ptr for w, v, ptr in self._copies))
+
+    # --- the step ----------------------------------------------------------------------------
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, V) after the tokens ``idx`` (B, 1), appending their keys to ``cache``."""
-        if not all(lin.fresh() for layer in self.layers for lin in layer.values()) \
-                or not self.head.fresh():
-            self._build()  # the weights changed since the copies were made
-        m = self.model
-        pos = cache.prepare(1)  # (1,) or (B, 1)
-        x = m.wte(idx)  # (B, 1, C)
+        if not self._current():
+            self._build()  # the model changed since the step looked at it
+        pos = cache.prepare(1).view(-1)  # (1,): every row at one position, or (B,)
+        x = F.embedding(idx.view(-1), self.wte)  # (B, C)
         rope = None
-        if m.wpe is not None:
-            x = x + m.wpe(pos)
+        if self.wpe is not None:
+            x = x + F.embedding(pos, self.wpe)  # + (1, C) or (B, C)
         else:
-            rope = m.rope_rot[pos].unsqueeze(-2)  # (1, 1, D/2) or (B, 1, 1, D/2)
-        for i, (block, lin) in enumerate(zip(m.blocks, self.layers)):
-            x = x + self._attend(block.attn, lin, block.ln_1(x), rope, cache.layer(i))
-            x = x + self._mlp(block.mlp.kind, lin, block.ln_2(x))
-        logits = self.head(m.ln_f(x))[:, 0]  # (B, V)
-        cap = m.config.logit_softcap
+            rope = self.rope_rot[pos].view(pos.size(0), 1, 1, -1)  # (1 or B, 1, 1, D/2)
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend(layer, layer.ln_1(x), rope, cache, i)
+            x = x + self._mlp(layer, layer.ln_2(x))
+        logits = self.head(self.ln_f(x))  # (B, V)
+        cap = self.softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     @staticmethod
-    def _attend(attn, lin: dict[str, DecodeLinear], x: torch.Tensor, rope, layer_cache
-                ) -> torch.Tensor:
-        B, _, C = x.shape
-        H = attn.n_head
-        q, k, v = lin["attn.c_attn"](x).view(B, 1, 3 * H, C // H).split(H, dim=2)  # (B, 1, H, D)
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+    def _attend(layer: _DecodeLayer, x: torch.Tensor, rope, cache: KVCache, i: int) -> torch.Tensor:
+        B, C = x.shape
+        H = layer.n_head
+        # (B, 3C) -> three (B, H, 1, D): with one position, the order (B, 1, H, D) of the
+        # model's view is this one.
+        q, k, v = layer.c_attn(x).view(B, 3, H, 1, C // H).unbind(1)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, 1, D)
-        k, v, mask = layer_cache.update(k, v)  # (B, H, L, D); mask (B, 1, 1, L) or None
+        k, v, mask = cache.update(i, k, v)  # (B, H, L, D); mask (B, 1, 1, L) or None
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, D)
-        return lin["attn.c_proj"](y.transpose(1, 2).reshape(B, 1, C))
+        return layer.attn_proj(y.reshape(B, C))
 
     @staticmethod
-    def _mlp(kind: str, lin: dict[str, DecodeLinear], x: torch.Tensor) -> torch.Tensor:
-        h = lin["mlp.c_fc"](x)  # (B, 1, hidden)
+    def _mlp(layer: _DecodeLayer, x: torch.Tensor) -> torch.Tensor:
+        h = layer.c_fc(x)  # (B, hidden)
+        kind = layer.mlp
         if kind == "gelu":
             h = F.gelu(h)
         elif kind == "gelu_tanh":
@@ -360,8 +411,8 @@ class DecodeStep:
         elif kind == "relu2":
             h = F.relu(h).square()
         else:  # swiglu
-            h = F.silu(lin["mlp.c_gate"](x)) * h
-        return lin["mlp.c_proj"](h)
+            h = F.silu(layer.c_gate(x)) * h
+        return layer.mlp_proj(h)
 
 
 class SeqState:
