@@ -42,3 +42,30 @@ def test_saved_weights_load_by_name_and_give_the_saved_logits(saved, name):
     with torch.no_grad():
         logits = model(saved["probe"])[0]
     torch.testing.assert_close(logits, saved[prefix + "logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_parameter_order_is_the_saved_optimizer_order():
+    """Optimizer states are saved in parameter order: SwiGLU's gate comes before c_fc, as it
+    always has."""
+    model = GPT(GPTConfig(**{**BASE, "mlp": "swiglu"}))
+    names = [n for n, _ in model.named_parameters() if n.startswith("blocks.0.mlp.")]
+    expected = [f"blocks.0.mlp.{m}.{p}" for m in ("c_gate", "c_fc", "c_proj") for p in ("weight", "bias")]
+    assert names == expected
+
+
+def test_zero_init_with_a_tied_head_is_refused():
+    with pytest.raises(ValueError, match="zero_init and tie_embeddings"):
+        GPTConfig(**BASE, zero_init=True, tie_embeddings=True)
+
+
+def test_the_model_file_reads_in_the_lecture_order():
+    import inspect
+    import re
+
+    import tinygpt.models.gpt as gpt_module
+
+    source = inspect.getsource(gpt_module)
+    order = [re.search(rf"^class {name}\b", source, re.M).start() for name in
+             ("GPTConfig", "MultiHeadAttention", "FeedForward", "Block", "GPT")]
+    assert order == sorted(order)
+    assert GPT.__doc__ and "forward(idx, targets=None)" in GPT.__doc__

@@ -1,16 +1,25 @@
 """A decoder-only transformer, as built in the "Let's build GPT" lecture.
 
-Tokens become vectors (token embedding + learned position embedding); a stack of blocks lets every
-position gather information from earlier positions (masked self-attention) and then think about it
-on its own (MLP); a final LayerNorm and a linear head turn each position's vector into logits for
-the next character. With ``pos_embedding="rope"`` there is no position table: each head's queries
-and keys are rotated by an angle proportional to their position instead (rotary embeddings), so
-attention scores depend on how far apart two positions are rather than where they sit.
+Read it in the lecture's order:
+
+1. ``GPTConfig`` -- the hyperparameters (block_size, n_embd, n_head, n_layer, dropout).
+2. ``MultiHeadAttention`` -- the lecture's ``Head`` and ``MultiHeadAttention``: every position
+   asks a question (query), advertises what it holds (key), and takes a weighted average of the
+   values of the positions before it; several heads do that side by side.
+3. ``FeedForward`` -- each position then thinks on its own (an MLP, 4x wider inside).
+4. ``Block`` -- communication then computation, each on a residual path with a LayerNorm first.
+5. ``GPT`` -- token and position embeddings, a stack of blocks, a final LayerNorm, a linear head.
+
+Options from later small-transformer work (rotary positions, RMSNorm, QK-norm, ReLU², SwiGLU,
+a tied head, zero-init, a logit soft-cap, float32 attention under CPU bfloat16 autocast) are
+chosen once when the model is built, by the helpers in ``tinygpt.models.gpt_options``; with the
+defaults the model is the lecture's.
 
 ``forward`` is a pure function of its input. For fast generation it optionally takes a key/value
 cache (``tinygpt.engine.KVCache``): each row then continues at the position where its cached keys
 end, and attention runs over the cached keys as well as the new ones. Sampling itself lives in
-``tinygpt.generate`` and ``tinygpt.engine``.
+``tinygpt.generate`` and ``tinygpt.engine``; the attention weights can be looked at with
+``tinygpt.models.attention_maps``.
 
 Shapes in comments: B = batch, T = time (sequence length), C = channels (n_embd),
 H = heads, D = head size (C // H), V = vocabulary size.
@@ -18,8 +27,6 @@ H = heads, D = head size (C // H), V = vocabulary size.
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -27,16 +34,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinygpt.models.gpt_options import (  # noqa: F401 -- re-exported: older imports use gpt.*
+    MLPS,
+    NORMS,
+    POS_EMBEDDINGS,
+    QK_NORMS,
+    ROPE_BASE,
+    activation,
+    apply_rope,
+    attention_in_float32,
+    autocast_off,
+    check_config,
+    ffn_width,
+    init_weights,
+    make_norm,
+    rope_rotations,
+    soft_cap,
+)
+
 if TYPE_CHECKING:
     from tinygpt.engine import KVCache, LayerCache
-
-POS_EMBEDDINGS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-QK_NORMS = ("none", *NORMS)
-
-
-MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")  # gelu_tanh: GPT-2's tanh approximation of GELU
-ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
 
 
 @dataclass
@@ -67,95 +84,36 @@ class GPTConfig:
     logit_softcap: float | None = None  # squash logits into (-cap, cap) with cap * tanh(x / cap)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}"
-            )
-        for name in ("dropout", "attn_dropout"):
-            p = getattr(self, name)
-            if p is None and name == "attn_dropout":
-                continue
-            if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-        if self.pos_embedding not in POS_EMBEDDINGS:
-            raise ValueError(
-                f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, "
-                f"got {self.pos_embedding!r}"
-            )
-        for name, allowed in (("norm", NORMS), ("qk_norm", QK_NORMS), ("mlp", MLPS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
-                )
-        cap = self.logit_softcap
-        if cap is not None and (
-            isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf
-        ):
-            raise ValueError(f"logit_softcap must be a positive number (or None), got {cap!r}")
-        if self.pos_embedding == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(
-                f"rope rotates channel pairs, so the head size n_embd / n_head must be even; "
-                f"got {self.n_embd} / {self.n_head} = {self.n_embd // self.n_head}"
-            )
+        check_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def rope_rotations(head_size: int, n_pos: int, base: float = ROPE_BASE) -> torch.Tensor:
-    """The rotation of every channel pair at every position: unit complex numbers e^(i angle),
-    (n_pos, head_size // 2), complex64.
+class MultiHeadAttention(nn.Module):
+    """Masked multi-head self-attention: the lecture's ``Head`` and ``MultiHeadAttention`` at once.
 
-    Channel pair i of a head turns by ``pos * base ** (-2i / head_size)``: the first pairs spin
-    fast (fine position), the last ones slowly (coarse position), like the sinusoids of the
-    original transformer.
+    In the lecture every ``Head`` has its own ``key``, ``query`` and ``value`` layers and computes
+
+        wei = softmax(q @ k^T / sqrt(D), with the future set to -inf)     # (T, T)
+        out = wei @ v                                                      # (T, D)
+
+    and ``MultiHeadAttention`` concatenates the heads' outputs and projects them. Here
+    ``c_attn`` holds the key, query and value weights of all heads in one matrix (one matmul
+    instead of 3 x H), and ``scaled_dot_product_attention`` computes every head's ``wei @ v`` in
+    one fused kernel that never stores ``wei``. With ``causal=False`` nothing is masked.
     """
-    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
-    angles = torch.outer(torch.arange(n_pos, dtype=torch.float64), inv_freq)  # (n_pos, D/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
-
-
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate the channel pairs (x[..., 2i], x[..., 2i + 1]) of ``x`` (B, T, H, D) by ``rot``.
-
-    ``rot`` is (T, 1, D/2) or (B, T, 1, D/2) (see ``rope_rotations``). Read each pair as one
-    complex number: multiplying by e^(i angle) turns it by that angle, in a single operation.
-    Rotating both q (at position m) and k (at position n) makes q.k depend on m - n only: the
-    dot product of two rotated vectors depends on the difference of their angles.
-    """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2) complex
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
-
-
-def make_norm(kind: str, width: int, bias: bool) -> nn.Module:
-    """LayerNorm (subtract the mean, divide by the std, then scale and shift) or RMSNorm (divide
-    by the root mean square, then scale). RMSNorm does less arithmetic, but on a CPU PyTorch runs
-    LayerNorm as one fused kernel forward and one backward and RMSNorm as several element-wise
-    ones: there LayerNorm is the faster of the two."""
-    if kind == "rmsnorm":
-        return nn.RMSNorm(width)
-    return nn.LayerNorm(width, bias=bias)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention; with ``causal`` each position sees only itself and the past."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.causal = config.causal
         self.dropout = config.dropout if config.attn_dropout is None else config.attn_dropout
-        # Queries, keys and values for all heads in one matmul.
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # QK-norm: normalised queries and keys keep the attention logits in a sane range even at
-        # high learning rates.
+        # QK-norm (an option): normalised queries and keys keep the attention logits in a sane
+        # range even at high learning rates.
         head_size = config.n_embd // config.n_head
         qk = config.qk_norm != "none"
         self.q_norm = make_norm(config.qk_norm, head_size, config.bias) if qk else None
@@ -170,10 +128,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H = self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C)
-        # Under bfloat16 autocast on a CPU, attention itself runs in float32: the CPU flash
-        # kernel's bf16 backward is several times slower than its float32 one, and attention is
-        # a small share of the FLOPs. (Elsewhere, and in float32 runs, nothing changes.)
-        upcast = qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"
+        upcast = attention_in_float32(qkv)
         if upcast:
             qkv = qkv.float()
         # (B, T, 3C) -> three (B, T, H, D): every head attends independently.
@@ -189,60 +144,56 @@ class CausalSelfAttention(nn.Module):
             # The mask (B, 1, T, L) hides keys after each query and the padding of shorter rows;
             # it is None when every key is visible or a plain causal mask does the job.
             k, v, mask = cache.update(k, v)
-        # softmax(q k^T / sqrt(D)) v, with the upper triangle masked out when causal. SDPA picks
-        # a fused kernel; it is the lecture's `wei.masked_fill(tril == 0, -inf)` done fast.
+        # softmax(q k^T / sqrt(D)) v, with the upper triangle masked out when causal: the
+        # lecture's `wei.masked_fill(tril == 0, float('-inf'))`, done by a fused kernel.
         # (is_causal aligns the triangle top-left, so it only applies when T == L.)
-        with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
+        with autocast_off(upcast):
             y = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=mask,
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=self.causal and mask is None and T == k.size(2),
             )  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side, like torch.cat
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):
-    """Per-position feed-forward network, 4x wider inside, as in the lecture and GPT-2.
+class FeedForward(nn.Module):
+    """A small MLP applied to every position on its own: Linear, nonlinearity, Linear, 4x wider
+    inside (the lecture uses ReLU; GPT-2, and this model by default, GELU).
 
-    ``relu2`` squares a ReLU; ``swiglu`` multiplies a SiLU-activated projection by a second
-    (linear) one, with the hidden width cut to 8/3 x so the parameter count stays that of 4x.
+    With ``mlp="swiglu"`` a second input matrix ``c_gate`` gates the hidden layer:
+    ``silu(x W_gate) * (x W_fc)``.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.kind = config.mlp
-        hidden = 4 * config.n_embd
-        if self.kind == "swiglu":
-            hidden = int(8 * config.n_embd / 3)
-            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        hidden = ffn_width(config.mlp, config.n_embd)
+        # (c_gate first: the order of the parameters is the order of saved optimizer states.)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias) if config.mlp == "swiglu" else None
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.act = activation(config.mlp)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)  # (B, T, hidden)
-        if self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.silu(self.c_gate(x)) * h
-        return self.dropout(self.c_proj(h))
+        h = self.act(h) if self.c_gate is None else self.act(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Communication (attention) then computation (MLP), each on a pre-LayerNorm residual path."""
+    """Communication (attention) then computation (feed-forward), each added to the residual
+    path ``x = x + f(ln(x))``: the residual path carries gradients straight through the depth,
+    and each sub-layer reads a normalised copy of x (pre-norm)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = make_norm(config.norm, config.n_embd, config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = MultiHeadAttention(config)
         self.ln_2 = make_norm(config.norm, config.n_embd, config.bias)
-        self.mlp = MLP(config)
+        self.mlp = FeedForward(config)
 
     def forward(
         self,
@@ -250,12 +201,20 @@ class Block(nn.Module):
         rope: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)  # residual connections keep gradients flowing
+        x = x + self.attn(self.ln_1(x), rope, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class GPT(nn.Module):
+    """The lecture's GPT language model: ``forward(idx, targets=None) -> (logits, loss)``.
+
+    ``idx`` (B, T) token ids -> token embeddings (+ position embeddings) -> ``n_layer`` blocks ->
+    final norm -> ``lm_head`` -> logits (B, T, V) for the token that follows each position; the
+    loss is the mean cross-entropy against ``targets`` (B, T). The parameter names (``wte``,
+    ``wpe``, ``blocks.i.attn.c_attn``, ...) follow GPT-2 and are what checkpoints store.
+    """
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
@@ -264,38 +223,15 @@ class GPT(nn.Module):
         if config.pos_embedding == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position -> vector
         else:
-            # Rotation tables for every position; derived from the config, so not saved.
+            # Rotary positions: rotation tables for every position; derived from the config,
+            # so not saved.
             rot = rope_rotations(config.n_embd // config.n_head, config.block_size)
             self.register_buffer("rope_rot", rot, persistent=False)  # (block_size, D/2)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config.norm, config.n_embd, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        # GPT-2: scale the init of the layers that write into the residual stream by
-        # 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.zero_init:
-            # Every block starts as the identity and the model as a uniform guess; the first
-            # updates decide what each layer adds.
-            for name, p in self.named_parameters():
-                if name.endswith("c_proj.weight"):
-                    nn.init.zeros_(p)
-            nn.init.zeros_(self.lm_head.weight)
-        if config.tie_embeddings:
-            # One table reads tokens in and writes logits out (GPT-2); saves V x C parameters.
-            self.lm_head.weight = self.wte.weight
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        init_weights(self, config)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -338,9 +274,13 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if self.config.logit_softcap is not None:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)  # smooth clamp to (-cap, cap)
+            logits = soft_cap(logits, self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
+
+
+# The names these classes had before they were named after the lecture's.
+CausalSelfAttention = MultiHeadAttention
+MLP = FeedForward
