@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from tinygpt.engine import Engine
 from tinygpt.models.attention_maps import attention_maps
-from tinygpt.serve.logprobs import as_openai
+from tinygpt.serve.logprobs import as_openai, entries_within
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.protocol import (
     ApiError,
@@ -455,8 +455,8 @@ async def _respond(request: Request, job: Job, spec: Completion, queue: asyncio.
     for c in job.choices:
         prompt = spec.prompts[c.index // spec.n]
         logprobs = None
-        if spec.logprobs is not None:  # one character is one token
-            entries = (c.prompt_entries or []) + c.entries[: len(c.text)]
+        if spec.logprobs is not None:
+            entries = (c.prompt_entries or []) + entries_within(c.entries, len(c.text))
             logprobs = as_openai(entries, 0 if spec.echo else len(prompt))
         choices.append({"text": (prompt if spec.echo else "") + c.text, "index": c.index,
                         "logprobs": logprobs, "finish_reason": c.finish_reason})
@@ -485,7 +485,7 @@ async def _stream(job: Job, spec: Completion, queue: asyncio.Queue, meta: dict,
         logprobs = None
         if entries is not None:
             logprobs = as_openai(entries, offset[index])
-            offset[index] += len(entries)
+            offset[index] += sum(e.chars for e in entries)
         choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
         return _sse({**meta, "choices": [choice]})
 

@@ -7,7 +7,10 @@ up to ``k + 1`` entries). These are the model's own log-probabilities, ``log_sof
 before temperature, top-k and top-p reshape the distribution for sampling, so they say how sure
 the model was, whatever the sampling settings.
 
-One token is one character here, so token ``i`` of a text is its character ``i``.
+With a character model one token is one character, so token ``i`` of a text is its character
+``i``. With byte-level BPE a token may stand for several characters, or for bytes of one that the
+next tokens complete; such a token is shown as ``\\xNN`` escapes, as OpenAI shows partial bytes,
+and ``text_offset`` counts the characters before each token.
 """
 
 from __future__ import annotations
@@ -33,16 +36,19 @@ class TokenLogprob(NamedTuple):
     token: str
     logprob: float | None
     top: dict[str, float] | None
+    chars: int = 1  # characters of the text this token completes (0 for a partial character)
 
 
-def score(logits: torch.Tensor, token: int, k: int, chars: Sequence[str]) -> TokenLogprob:
-    """The entry for ``token`` chosen after next-token ``logits`` (V,)."""
+def score(logits: torch.Tensor, token: int, k: int, chars: Sequence[str], width: int = 1
+          ) -> TokenLogprob:
+    """The entry for ``token`` chosen after next-token ``logits`` (V,); ``chars`` is the text of
+    every token, ``width`` the number of characters ``token`` completes."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (V,)
     values, ids = logp.topk(min(k, logp.numel()))
     top = {chars[i]: v for i, v in zip(ids.tolist(), values.tolist(), strict=True)}
     chosen = chars[token]
     top.setdefault(chosen, float(logp[token]))  # the chosen character is always listed
-    return TokenLogprob(chosen, float(logp[token]), top)
+    return TokenLogprob(chosen, float(logp[token]), top, width)
 
 
 @torch.inference_mode()
@@ -72,14 +78,27 @@ def prompt_logits(engine: Engine, ids: Sequence[int]) -> torch.Tensor:
     return out
 
 
-def score_prompt(engine: Engine, ids: Sequence[int], k: int, chars: Sequence[str]
-                 ) -> list[TokenLogprob]:
-    """The entries of every character of a prompt (the first has none: nothing precedes it)."""
-    entries = [TokenLogprob(chars[ids[0]], None, None)]
+def score_prompt(engine: Engine, ids: Sequence[int], k: int, chars: Sequence[str],
+                 widths: Sequence[int] | None = None) -> list[TokenLogprob]:
+    """The entries of every token of a prompt (the first has none: nothing precedes it);
+    ``widths``: the characters each token completes (default: one each)."""
+    widths = widths or [1] * len(ids)
+    entries = [TokenLogprob(chars[ids[0]], None, None, widths[0])]
     if len(ids) > 1:
         logits = prompt_logits(engine, ids)
-        entries += [score(logits[n - 1], ids[n], k, chars) for n in range(1, len(ids))]
+        entries += [score(logits[n - 1], ids[n], k, chars, widths[n]) for n in range(1, len(ids))]
     return entries
+
+
+def entries_within(entries: Sequence[TokenLogprob], n_chars: int) -> list[TokenLogprob]:
+    """The leading entries whose characters lie within the first ``n_chars`` of the text."""
+    out, end = [], 0
+    for e in entries:
+        end += e.chars
+        if end > n_chars:
+            break
+        out.append(e)
+    return out
 
 
 def as_openai(entries: Sequence[TokenLogprob], offset: int) -> dict:
@@ -89,9 +108,13 @@ def as_openai(entries: Sequence[TokenLogprob], offset: int) -> dict:
     prompt (OpenAI's ``text_offset``): 0 for an echoed prompt, the prompt's length for the
     first generated character.
     """
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += e.chars
     return {
         "tokens": [e.token for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         "top_logprobs": [e.top for e in entries],
-        "text_offset": list(range(offset, offset + len(entries))),
+        "text_offset": offsets,
     }

@@ -30,12 +30,12 @@ import torch
 from tinygpt.engine import Engine, SeqState, TextStream
 from tinygpt.generate import SamplingConfig, sample_next
 from tinygpt.serve.logprobs import TokenLogprob, score, score_prompt
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import Tokenizer
 
 log = logging.getLogger("tinygpt.serve")
 
 class Event(NamedTuple):
-    """New text of one choice: ``logprobs`` has one entry per character of ``text`` (if asked)."""
+    """New text of one choice: ``logprobs`` has one entry per token of ``text`` (if asked)."""
 
     index: int
     text: str
@@ -88,8 +88,12 @@ class Choice:
         self.state: SeqState | None = None
         self.stream = TextStream(job.params.stop)  # the text, cut before a stop string
         self.unsent = ""  # text released by ``stream`` and not yet sent
-        self.entries: list[TokenLogprob] = []  # one per generated character, with logprobs
+        self.entries: list[TokenLogprob] = []  # one per generated token, with logprobs
         self.sent = 0  # characters sent so far
+        self.sent_entries = 0  # entries sent so far
+        self.entry_end = 0  # characters up to the end of the last entry
+        self._entry_ends: list[int] = []
+        self.decoder = None  # turns the tokens into whole characters (see ``Scheduler._sample``)
         self.prompt_entries: list[TokenLogprob] | None = None  # echo with logprobs
         self.num_tokens = 0
         self.finish_reason: str | None = None
@@ -99,17 +103,26 @@ class Choice:
         """The text released so far: all of it once finished."""
         return self.stream.text
 
-    def add(self, char: str) -> None:
-        """Record one generated character and decide whether the sequence is done."""
+    def add(self, text: str) -> None:
+        """Record one generated token (the characters it completes) and decide whether the
+        sequence is done."""
         self.num_tokens += 1
-        self.unsent += self.stream.feed(char)
+        self.unsent += self.stream.feed(text)
         if self.stream.stopped:
             self.finish_reason = "stop"
         elif self.num_tokens >= self.job.params.max_tokens:
             self.end("length")
 
+    def add_entry(self, entry: TokenLogprob) -> None:
+        self.entries.append(entry)
+        self.entry_end += entry.chars
+        self._entry_ends.append(self.entry_end)
+
     def end(self, reason: str) -> None:
-        """No more characters will come: release what the stop strings held back."""
+        """No more characters will come: release what the stop strings held back (and the
+        bytes of an unfinished character, as U+FFFD)."""
+        if self.decoder is not None:
+            self.unsent += self.stream.feed(self.decoder.flush())
         self.unsent += self.stream.finish()
         self.finish_reason = reason
 
@@ -118,8 +131,13 @@ class Choice:
         start), and its characters' log-probabilities if the request asked for them."""
         text, self.unsent = self.unsent, ""
         entries = None
-        if self.job.params.logprobs is not None:  # one character is one token
-            entries = self.entries[self.sent : self.sent + len(text)]
+        if self.job.params.logprobs is not None:  # the tokens whose characters are sent
+            first = self.sent_entries
+            # (an event with no text is not sent: the pieces of a character wait for it)
+            while (text or self.finish_reason) and (self.sent_entries < len(self.entries)
+                   and self._entry_ends[self.sent_entries] <= self.sent + len(text)):
+                self.sent_entries += 1
+            entries = self.entries[first : self.sent_entries]
         self.sent += len(text)
         return Event(self.index, text, self.finish_reason, entries)
 
@@ -155,12 +173,16 @@ class Scheduler:
     def __init__(
         self,
         engine: Engine,
-        tokenizer: CharTokenizer,
+        tokenizer: Tokenizer,
         max_batch: int = 32,
         max_queue: int = 64,
     ) -> None:
         self.engine = engine
-        self.chars = tokenizer.chars
+        self.tokenizer = tokenizer
+        # The text of every token id the model can produce, for logprobs (ids beyond the
+        # tokenizer's, in a padded vocabulary, spell nothing).
+        self.chars = [tokenizer.token_text(i) if i < tokenizer.vocab_size else ""
+                      for i in range(engine.vocab_size)]
         self.max_batch = max_batch
         self.max_queue = max_queue
         self._cv = threading.Condition()
@@ -333,10 +355,10 @@ class Scheduler:
                 key = tuple(c.prompt_ids)
                 if key not in scored:
                     scored[key] = score_prompt(self.engine, c.prompt_ids, job.params.logprobs,
-                                               self.chars)
+                                               self.chars, self._widths(c.prompt_ids))
                 c.prompt_entries = scored[key]
         if job.params.score_prompt:  # a stream sends the echoed prompt with its entries first
-            job.sink([Event(c.index, "".join(self.chars[i] for i in c.prompt_ids), None,
+            job.sink([Event(c.index, self.tokenizer.decode(c.prompt_ids), None,
                             c.prompt_entries) for c in job.choices])
 
     def _step(self, active: list[Choice]) -> list[Choice]:
@@ -409,9 +431,17 @@ class Scheduler:
         params = c.job.params
         token = int(sample_next(logits[None], params.sampling, c.generator)[0])
         self.engine.append(c.state, token)
+        if c.decoder is None:
+            c.decoder = self.tokenizer.text_decoder()
+        text = c.decoder.push(token)  # whole characters only: maybe none yet
         if params.logprobs is not None:
-            c.entries.append(score(logits, token, params.logprobs, self.chars))
-        c.add(self.chars[token])
+            c.add_entry(score(logits, token, params.logprobs, self.chars, len(text)))
+        c.add(text)
+
+    def _widths(self, ids: list[int]) -> list[int]:
+        """How many characters each token of ``ids`` completes."""
+        decoder = self.tokenizer.text_decoder()
+        return [len(decoder.push(i)) for i in ids]
 
     @staticmethod
     def _fail(job: Job, error: BaseException) -> None:
