@@ -77,7 +77,18 @@ def _tokens_axis(ax, records: list[dict]) -> None:
     if len(steps) < 2 or steps != sorted(steps) or tokens != sorted(tokens):
         return
     s, t = np.asarray(steps, float), np.asarray(tokens, float)
-    top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, s, t), lambda y: np.interp(y, t, s)))
+    if np.any(np.diff(s) <= 0) or np.any(np.diff(t) <= 0):
+        return
+
+    def extend(x, xp, fp):  # piecewise linear, continued past both ends (the axis has margins)
+        x = np.asarray(x, float)
+        y = np.interp(x, xp, fp)
+        lo = (fp[1] - fp[0]) / (xp[1] - xp[0])
+        hi = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+        y = np.where(x < xp[0], fp[0] + (x - xp[0]) * lo, y)
+        return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * hi, y)
+
+    top = ax.secondary_xaxis("top", functions=(lambda x: extend(x, s, t), lambda y: extend(y, t, s)))
     top.set_xlabel("tokens seen")
 
 
