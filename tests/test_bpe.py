@@ -212,3 +212,21 @@ def test_tokenizer_settings_are_checked(settings, fragment):
 def test_bpe_default_vocabulary():
     assert TrainConfig.resolve({"tokenizer": "bpe"}).bpe_vocab_size == 1024
     assert TrainConfig.resolve({}).bpe_vocab_size is None
+
+
+def test_encoding_streams_in_chunks_and_batches(text_file, monkeypatch):
+    """Small chunks and batches (as for a corpus of many megabytes) give the tokens of encoding
+    each split whole."""
+    import tinygpt.data as data
+
+    text = text_file.read_text(encoding="utf-8")
+    whole = load_corpus(text_file, bpe_vocab_size=VOCAB)
+    tok = whole.tokenizer
+    monkeypatch.setattr(data, "ENCODE_CHARS", 64)
+    monkeypatch.setattr(data, "ENCODE_BATCH", 3)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 100)  # the file is read in small pieces too
+    streamed = load_corpus(text_file, tokenizer=tok)
+    n_train = int(len(text) * 0.9)
+    assert streamed.split("train").tolist() == tok.encode(text[:n_train])
+    assert streamed.split("val").tolist() == tok.encode(text[n_train:])
+    assert np.array_equal(streamed.tokens, whole.tokens)

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--num-chars", type=int, default=500,
-                   help="characters to generate (default: 500)")
+                   help="tokens to generate: characters for a character model (default: 500)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely (default: off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")

@@ -201,7 +201,9 @@ class TrainConfig:
     keep: int = _opt(
         1, "older step checkpoints to keep besides last and best", metavar="N"
     )
-    sample_chars: int = _opt(400, "characters sampled at the end of training (0: none)")
+    sample_chars: int = _opt(
+        400, "tokens (characters with --tokenizer char) sampled at the end of training (0: none)"
+    )
     seed: int = _opt(1337, "random seed")
     device: str = _opt("auto", DEVICE_HELP)
 
