@@ -230,3 +230,12 @@ def test_encoding_streams_in_chunks_and_batches(text_file, monkeypatch):
     assert streamed.split("train").tolist() == tok.encode(text[:n_train])
     assert streamed.split("val").tolist() == tok.encode(text[n_train:])
     assert np.array_equal(streamed.tokens, whole.tokens)
+
+
+def test_loss_plot_converts_to_bits_per_character():
+    from tinygpt.plots import _bits_per_nat
+
+    assert _bits_per_nat([]) is None
+    assert _bits_per_nat([{"val_loss": 2.0}]) is None  # a run from before val_bpc
+    records = [{"val_loss": 4.0, "val_bpc": 2.0}, {"val_loss": 3.0, "val_bpc": 1.2}]
+    assert _bits_per_nat(records) == pytest.approx(0.4)

@@ -106,15 +106,31 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         if steps:
             ax.plot(steps, losses, style, label=label, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per character)")
+    per_char = _bits_per_nat(records)
+    one_char_tokens = per_char is None or math.isclose(per_char, 1 / math.log(2), rel_tol=1e-6)
+    ax.set_ylabel(f"loss (nats per {'character' if one_char_tokens else 'token'})")
     ax.set_title(f"{run_dir.resolve().name}: loss")
     ax.grid(alpha=0.3)
+    if per_char is not None:  # the val loss in bits per character, comparable across tokenizers
+        right = ax.secondary_yaxis("right", functions=(lambda x: x * per_char,
+                                                       lambda x: x / per_char))
+        right.set_ylabel("val bits per character")
     if records:
         ax.legend()
         _tokens_axis(ax, records)
     else:
         ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, out or run_dir / "loss.png")
+
+
+def _bits_per_nat(records: list[dict]) -> float | None:
+    """Val bits per character for one nat per token, from the newest record that has both (the
+    split's characters per token fix it); None for runs from before ``val_bpc``."""
+    for r in reversed(records):
+        loss, bpc = r.get("val_loss"), r.get("val_bpc")
+        if isinstance(loss, (int, float)) and isinstance(bpc, (int, float)) and loss > 0:
+            return bpc / loss
+    return None
 
 
 def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None = None) -> Path:
