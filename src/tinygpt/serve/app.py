@@ -411,12 +411,16 @@ def _usage(job: Job, spec: Completion) -> dict:
 
 async def _next(queue: asyncio.Queue, scheduler: Scheduler):
     """The next item from the worker; the worker's failure if it died without a word."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), WATCHDOG_SECONDS)
-        except asyncio.TimeoutError:
+    getter = asyncio.ensure_future(queue.get())  # one getter throughout: no item is lost
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=WATCHDOG_SECONDS)
+            if done:
+                return getter.result()
             if not scheduler.alive and queue.empty():
                 return scheduler.failure or SchedulerClosed("the server is shutting down")
+    finally:
+        getter.cancel()  # no-op once it has its item
 
 
 async def _collect(job: Job, queue: asyncio.Queue, scheduler: Scheduler) -> BaseException | None:
