@@ -114,6 +114,22 @@ def test_a_killed_worker_then_the_same_command_with_resume_ends_bitwise_identica
     assert loss_gap(single, ref) < 1e-4 and max_weight_gap(single, ref) < 1e-4
 
 
+def test_max_restarts_continues_from_the_newest_checkpoint(two_ranks, tmp_path):
+    """torchrun --max-restarts reruns the same command after a worker dies: the run continues
+    from its checkpoint (instead of refusing to overwrite it) and ends as if never stopped."""
+    text, ref, _ = two_ranks
+    run = tmp_path / "run"
+    cmd = launch(*flags(tiny_settings(text, run, **DDP)))
+    cmd.insert(cmd.index("train"), "--max-restarts=1")
+    proc = subprocess.run(cmd, env=env(TINYGPT_FAULT_AFTER="step@13", TINYGPT_FAULT_RANK="1",
+                                       TINYGPT_FAULT_ONCE=str(tmp_path / "fired")),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "fired").exists()  # a worker did die once
+    assert weights_digest(run) == weights_digest(ref)
+    assert losses(run) == losses(ref)
+
+
 def test_sigterm_to_the_launcher_saves_one_checkpoint_that_every_rank_agrees_on(two_ranks, tmp_path):
     """The ranks agree on the step to stop at (a signal on any rank stops all at the same step);
     rank 0 saves it and alone reports it; the launcher exits 143."""

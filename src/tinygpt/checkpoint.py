@@ -70,6 +70,7 @@ TOKENIZER = "tokenizer.json"  # a BPE tokenizer, as Hugging Face tokenizers writ
 STEP_DIR = re.compile(r"step-(\d+)")
 FAULT_ENV = "TINYGPT_FAULT_AFTER"
 FAULT_RANK_ENV = "TINYGPT_FAULT_RANK"
+FAULT_ONCE_ENV = "TINYGPT_FAULT_ONCE"
 
 Warn = Callable[[str], None]
 
@@ -90,6 +91,12 @@ def fault_point(point: str, step: int) -> None:
     if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+        once = os.environ.get(FAULT_ONCE_ENV)  # a file: die only the first time (it is created)
+        if once:
+            try:
+                open(once, "x").close()
+            except FileExistsError:
+                return
         sys.stdout.flush()
         sys.stderr.flush()
         kill = getattr(signal, "SIGKILL", None)
