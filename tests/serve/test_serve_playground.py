@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.serve.test_serve_bpe import bpe_checkpoint  # noqa: F401 - a fixture used below
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -210,3 +211,32 @@ def test_look_inside_bars_and_attention_heatmap(browser, make_server, checkpoint
     shutil.copy(tmp_path / "look-inside.png", Path("/tmp") / "tinygpt-look-inside.png")
     assert problems == [], problems
     page.close()
+
+
+def test_look_inside_a_bpe_model(browser, bpe_checkpoint):  # noqa: F811 - the fixture
+    """Characters point at the token they are in (an emoji spelled by three byte tokens); a
+    model without attention says so instead of drawing a heatmap."""
+    from tests.serve.conftest import ServerThread, _build_app
+
+    tok = bpe_checkpoint.tokenizer
+    with ServerThread(_build_app(bpe_checkpoint)) as s:
+        page = browser.new_page()
+        page.goto(s.url + "/")
+        page.locator("#model-info").get_by_text("tiny", exact=True).wait_for()
+        page.fill("#prompt", "x")
+        page.fill("#max-tokens", "4")
+        page.locator("#temperature").fill("0")
+        page.click("#generate")
+        expect(page.locator("#stats")).to_contain_text("done")
+        expect(page.locator("#out-text")).to_have_text("🎉y")
+        spans = page.locator("#out-text .ch")
+        expect(spans).to_have_count(2)
+        spans.nth(0).hover()
+        completing = tok.token_text(tok.encode("🎉y")[2])  # the token that finishes the emoji
+        expect(page.locator("#next-caption")).to_contain_text(f"in the token “{completing}”")
+        assert page.locator("#next-bars li.chosen .bar-label").text_content() == completing
+        spans.nth(1).hover()
+        expect(page.locator("#next-bars li.chosen .bar-label")).to_have_text("y")
+        expect(page.locator("#heatmap")).to_have_attribute("data-state", "error")
+        assert "no attention layers" in page.locator("#heatmap-caption").text_content()
+        page.close()

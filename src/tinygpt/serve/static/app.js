@@ -12,7 +12,8 @@ let controller = null;
 // What the "look inside" view knows about the current output.
 const look = {
   spans: [], // one <span> per generated character
-  tops: [], // per generated character: {char: logprob} of the most likely next characters
+  base: 0, // characters of the prompt (the API counts text_offset from the prompt's start)
+  entries: [], // per generated token: {at: its first character, token, top: {token: logprob}}
   selected: -1, // the character whose probabilities are shown
   maps: null, // the attention route's answer for the end of the text
 };
@@ -117,7 +118,7 @@ async function generate() {
   const body = requestBody();
   $("out-prompt").textContent = body.prompt;
   $("out-text").replaceChildren();
-  resetLook();
+  resetLook(body.prompt);
   const output = $("output");
   let generated = "";
   const started = performance.now();
@@ -174,18 +175,21 @@ async function generate() {
 
 // --- look inside: next-character probabilities -------------------------------------------
 
-// How a character is shown on its own (a label, an axis): blanks and controls made visible.
-function visible(ch) {
+// How a token is shown on its own (a label, an axis): blanks and controls made visible.
+function visible(text) {
   const names = { " ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍" };
-  if (names[ch]) return names[ch];
-  const code = ch.codePointAt(0);
-  if (code < 0x20 || (code >= 0x7f && code < 0xa0)) return "\\x" + code.toString(16).padStart(2, "0");
-  return ch;
+  return [...text].map((ch) => {
+    if (names[ch]) return names[ch];
+    const code = ch.codePointAt(0);
+    if (code < 0x20 || (code >= 0x7f && code < 0xa0)) return "\\x" + code.toString(16).padStart(2, "0");
+    return ch;
+  }).join("");
 }
 
-function resetLook() {
+function resetLook(prompt = "") {
   look.spans = [];
-  look.tops = [];
+  look.base = [...prompt].length;
+  look.entries = [];
   look.selected = -1;
   look.maps = null;
   $("next-bars").replaceChildren();
@@ -202,18 +206,31 @@ function resetLook() {
 }
 
 // One focusable <span> per character, so each can be pointed at; logprobs may be absent.
+// A token may span several characters (BPE): each character points at the token it is in.
 function addCharacters(text, logprobs) {
-  const chars = [...text];
-  chars.forEach((ch, k) => {
+  for (const ch of text) {
     const span = document.createElement("span");
     span.className = "ch";
     span.textContent = ch;
     span.dataset.i = String(look.spans.length);
     span.tabIndex = look.spans.length === 0 ? 0 : -1; // one tab stop; arrows move inside
-    look.tops.push(logprobs && logprobs.top_logprobs ? logprobs.top_logprobs[k] : null);
     look.spans.push(span);
     $("out-text").append(span);
+  }
+  if (!logprobs || !logprobs.tokens) return;
+  logprobs.tokens.forEach((token, j) => {
+    look.entries.push({ at: logprobs.text_offset[j] - look.base, token, top: logprobs.top_logprobs[j] });
   });
+}
+
+// The token that character i of the output belongs to: the last one starting at or before it.
+function entryAt(i) {
+  let found = null;
+  for (const entry of look.entries) {
+    if (entry.at > i) break;
+    found = entry;
+  }
+  return found;
 }
 
 function select(i, focus) {
@@ -231,16 +248,19 @@ function select(i, focus) {
 }
 
 function showBars(i) {
-  const chosen = look.spans[i].textContent;
-  const top = look.tops[i];
+  const ch = look.spans[i].textContent;
+  const entry = entryAt(i);
   const list = $("next-bars");
   list.replaceChildren();
-  if (!top) {
+  if (!entry || !entry.top) {
     $("next-caption").textContent = `Character ${i + 1}: no probabilities were sent for it.`;
     return;
   }
+  const chosen = entry.token;
+  const part = chosen === ch ? "" : `, in the token “${visible(chosen)}”`;
   $("next-caption").textContent =
-    `Character ${i + 1} of the output is “${visible(chosen)}”. Before it, the model expected:`;
+    `Character ${i + 1} of the output is “${visible(ch)}”${part}. Before it, the model expected:`;
+  const top = entry.top;
   const ranked = Object.entries(top).sort((a, b) => b[1] - a[1]);
   const shown = ranked.slice(0, TOP);
   if (!shown.some(([ch]) => ch === chosen)) shown.push(ranked.find(([ch]) => ch === chosen));
