@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from tests.serve.test_serve_bpe import bpe_checkpoint  # noqa: F401 - a fixture used below
 
 from tinygpt.engine import Engine
 from tinygpt.models.attention_maps import attention_maps
@@ -131,3 +132,32 @@ def test_a_bigram_model_has_no_attention(checkpoint):
     with ServerThread(create_app(Engine(model), checkpoint.tokenizer, info)) as s:
         with httpx.Client(base_url=s.url, timeout=30) as http:
             check_error(post(http, text="T"), 400, "model", "no_attention")
+
+
+def test_a_bpe_model_reports_its_tokens(bpe_checkpoint):  # noqa: F811 - the fixture
+    """With byte-level BPE the axes are tokens (an emoji's byte pieces escaped) and the context
+    is counted in tokens."""
+    from tests.serve.conftest import ServerThread, _build_app
+
+    from tinygpt.checkpoint import Checkpoint
+    from tinygpt.models import GPT, GPTConfig
+
+    tok = bpe_checkpoint.tokenizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2,
+                          n_embd=16)).eval()
+    state = {"model": "gpt", "model_config": dataclasses.asdict(model.config), "step": 0}
+    gpt = Checkpoint(bpe_checkpoint.path, state, model, tok)
+    with ServerThread(_build_app(gpt)) as s, httpx.Client(base_url=s.url, timeout=30) as http:
+        out = post(http, text="x🎉y").json()
+        ids = tok.encode("x🎉y")
+        assert out["tokens"] == [tok.token_text(i) for i in ids] and len(ids) == 5
+        assert out["tokens"][1].startswith("\\x")
+        assert [len(row) for row in out["weights"][0][0]] == [1, 2, 3, 4, 5]
+        expected = attention_maps(model, torch.tensor(ids))
+        assert out["weights"][0][1][4] == pytest.approx(expected[0, 1, 4].tolist(), abs=1e-4)
+        long = "x🎉y🎉x🎉"  # 6 characters, more tokens than the context of 8
+        assert len(tok.encode(long)) > 8
+        r = post(http, text=long)
+        check_error(r, 400, "text", "context_length_exceeded")
+        assert f"{len(tok.encode(long))} tokens" in r.json()["error"]["message"]

@@ -390,7 +390,7 @@ def attention_body(maps: torch.Tensor, query: AttentionQuery, model_id: str,
     weights = [[[row[: q + 1] if causal else row for q, row in enumerate(head)]
                 for head in layer] for layer in picked.tolist()]
     return {"object": "tinygpt.attention", "model": model_id, "text": query.text,
-            "tokens": list(query.text), "causal": causal, "layers": query.layers,
+            "tokens": query.tokens, "causal": causal, "layers": query.layers,
             "heads": query.heads, "weights": weights}
 
 

@@ -17,7 +17,7 @@ from tinygpt.generate import SamplingConfig
 from tinygpt.serve.logprobs import MAX_LOGPROBS
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.scheduler import GenerationParams
-from tinygpt.tokenizer import CharTokenizer
+from tinygpt.tokenizer import Tokenizer
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TEMPERATURE = 2.0
@@ -207,7 +207,7 @@ def _int_range(value: int, name: str, low: int, high: int, note: str = "") -> in
     return value
 
 
-def encode(text: str, tokenizer: CharTokenizer, param: str) -> list[int]:
+def encode(text: str, tokenizer: Tokenizer, param: str) -> list[int]:
     """Token ids of ``text``; characters the model does not know are a 400 naming them."""
     unknown = tokenizer.unknown_chars(text)
     if unknown:
@@ -219,7 +219,7 @@ def encode(text: str, tokenizer: CharTokenizer, param: str) -> list[int]:
 
 
 def check_completion(
-    obj: dict, model_id: str, tokenizer: CharTokenizer, limits: ServeLimits
+    obj: dict, model_id: str, tokenizer: Tokenizer, limits: ServeLimits
 ) -> Completion:
     """Validate a parsed request body; raises ``ApiError``."""
     req = check_types(obj)
@@ -327,11 +327,12 @@ class AttentionQuery:
 
     text: str
     ids: list[int]
+    tokens: list[str]  # each token's text (a character, or a BPE token's characters / bytes)
     layers: list[int]
     heads: list[int]
 
 
-def check_attention(obj: dict, model_id: str, tokenizer: CharTokenizer, n_layer: int,
+def check_attention(obj: dict, model_id: str, tokenizer: Tokenizer, n_layer: int,
                     n_head: int, block_size: int) -> AttentionQuery:
     """Validate a parsed attention request body; raises ``ApiError``."""
     req = check_types(obj, AttentionRequest, ATTENTION_EXPECTED)
@@ -343,8 +344,9 @@ def check_attention(obj: dict, model_id: str, tokenizer: CharTokenizer, n_layer:
                       "character only)", "model", "no_attention")
     if not req.text:
         raise invalid("'text' must not be empty", "text")
-    if len(req.text) > block_size:
-        raise invalid(f"the text has {len(req.text)} characters; the model's context holds "
+    ids = encode(req.text, tokenizer, "text")
+    if len(ids) > block_size:
+        raise invalid(f"the text is {len(ids)} tokens long; the model's context holds "
                       f"{block_size}", "text", "context_length_exceeded")
     layers = list(range(n_layer))
     if req.layer is not None:
@@ -352,4 +354,4 @@ def check_attention(obj: dict, model_id: str, tokenizer: CharTokenizer, n_layer:
     heads = list(range(n_head))
     if req.head is not None:
         heads = [_int_range(req.head, "head", 0, n_head - 1)]
-    return AttentionQuery(req.text, encode(req.text, tokenizer, "text"), layers, heads)
+    return AttentionQuery(req.text, ids, [tokenizer.token_text(i) for i in ids], layers, heads)

@@ -293,18 +293,26 @@ function spanIndex(target) {
 
 async function loadAttention(fullText) {
   const context = (model.tinygpt && model.tinygpt.block_size) || HEATMAP_CHARS;
-  const text = [...fullText].slice(-Math.min(context, HEATMAP_CHARS)).join("");
+  let chars = [...fullText].slice(-Math.min(context, HEATMAP_CHARS));
   const canvas = $("heatmap");
   canvas.dataset.state = "loading";
   try {
-    const response = await fetch("/v1/tinygpt/attention", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model: model.id, text }),
-    });
-    const body = await response.json();
-    if (!response.ok) throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
-    look.maps = body;
+    for (;;) {
+      const response = await fetch("/v1/tinygpt/attention", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ model: model.id, text: chars.join("") }),
+      });
+      const body = await response.json();
+      const code = body.error && body.error.code;
+      if (code === "context_length_exceeded" && chars.length > 1) {
+        chars = chars.slice(Math.floor(chars.length / 2)); // more tokens than characters (BPE)
+        continue;
+      }
+      if (!response.ok) throw new Error(body.error ? body.error.message : `HTTP ${response.status}`);
+      look.maps = body;
+      break;
+    }
   } catch (e) {
     canvas.dataset.state = "error";
     $("heatmap-caption").textContent = "No attention to show: " + e.message;
@@ -326,7 +334,7 @@ function drawHeatmap() {
   if (!maps) return;
   const li = maps.layers.indexOf(Number($("layer").value));
   const hi = maps.heads.indexOf(Number($("head").value));
-  const rows = maps.weights[li][hi]; // rows[q][k]: how much character q looks at character k
+  const rows = maps.weights[li][hi]; // rows[q][k]: how much token q looks at token k
   const tokens = maps.tokens;
   const n = tokens.length;
   const cell = Math.max(8, Math.min(18, Math.floor(560 / n)));
@@ -358,14 +366,15 @@ function drawHeatmap() {
     ctx.fillText(label, margin + i * cell + cell / 2, margin / 2); // columns: where it looks
     ctx.fillText(label, margin / 2, margin + i * cell + cell / 2); // rows: who looks
   });
+  const unit = tokens.every((t) => [...t].length === 1) ? ["characters", "character"] : ["tokens", "token"];
   canvas.dataset.state = "ready";
   canvas.dataset.layer = String(maps.layers[li]);
   canvas.dataset.head = String(maps.heads[hi]);
   canvas.setAttribute("aria-label",
-    `attention of layer ${maps.layers[li]}, head ${maps.heads[hi]} over the last ${n} characters`);
+    `attention of layer ${maps.layers[li]}, head ${maps.heads[hi]} over the last ${n} ${unit[0]}`);
   $("heatmap-caption").textContent =
-    `Layer ${maps.layers[li]}, head ${maps.heads[hi]}, the last ${n} characters: row = the ` +
-    "character that looks, column = the character it looks at; darker = more attention.";
+    `Layer ${maps.layers[li]}, head ${maps.heads[hi]}, the last ${n} ${unit[0]}: row = the ` +
+    `${unit[1]} that looks, column = the ${unit[1]} it looks at; darker = more attention.`;
 }
 
 function bindValue(inputId, outputId, digits) {
