@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU path in one short call, on a machine with a CUDA GPU and tinygpt installed:
+#   1. the CUDA tests (bf16 autocast, torch.compile, exact resume, the KV cache, NCCL on 2 GPUs);
+#   2. the lecture preset (10.8M parameters, 6 x 6 x 384, context 256, batch 64, dropout 0.2) for
+#      5000 steps in bf16, compiled, with the training time and the whole-split val loss.
+# Goal on one H100: <= 60 s of training, val <= 1.48.
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-runs/gpu-check}"
+python - <<'PY'
+import torch
+assert torch.cuda.is_available(), "no CUDA GPU here"
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
+PY
+python -m pytest -q -m cuda tests/test_cuda.py
+start=$(date +%s)
+python -m tinygpt train --preset lecture --dtype bfloat16 --compile --max-steps 5000 \
+  --eval-interval 1000 --device cuda --out "$out" --overwrite --sample-chars 200
+end=$(date +%s)
+python - "$out" "$((end - start))" <<'PY'
+import json, sys
+lines = [json.loads(x) for x in open(sys.argv[1] + "/metrics.jsonl")]
+print(f"training time {lines[-1]['elapsed_s']:.1f} s (compile included; wall {sys.argv[2]} s "
+      f"with evaluations), {lines[-1]['tokens_per_s']:,.0f} tokens/s")
+PY
+python -m tinygpt eval "$out" --checkpoint last --json
