@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -26,10 +28,25 @@ from pathlib import Path
 import torch
 
 from tinygpt.config import TrainConfig, parse_duration
+from tinygpt.device import native_bf16
 from tinygpt.perf import flops_per_token, measure_matmul_peak
 from tinygpt.train import train
 
 TARGET = 1.886
+# Set these to measure how an AVX2-only CPU behaves on one with AMX: the libraries then use AVX2
+# kernels only (a bf16 matrix product becomes emulated, tens of times slower than float32), and
+# tinygpt's native-bf16 decision says no.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 CLASSIC = {
     "preset": "cpu", "batch_size": 12, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128,
     "dropout": 0.0, "lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 100, "max_steps": 2000,
@@ -104,6 +121,9 @@ def main() -> None:
     peak = measure_matmul_peak()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    print(f"# {cpu_name()}; native bf16: {'yes' if native_bf16('cpu') else 'no'}"
+          + "".join(f"; {k}={os.environ[k]}" for k in ISA_LIMITS if k in os.environ),
+          file=sys.stderr)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         budget = parse_duration(args.budget) if args.budget else None
