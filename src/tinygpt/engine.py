@@ -206,29 +206,29 @@ def measure_decode_layouts(weights: Sequence[torch.Tensor], rounds: int = 5
                            ) -> dict[tuple[int, int], str]:
     """The faster layout, "linear" or "transposed", for each shape among ``weights`` at batch 1.
 
-    Each round multiplies a vector by every matrix, in the order of a decode step (so the
-    weights come from memory, as in a real step, rather than from a warm cache), once in each
-    layout, and keeps each shape's best total time over the rounds. A shape gets the transposed
-    copy only if it is at least 5% faster: the copy costs memory. A noisy measurement can only
+    Each round multiplies a vector by every matrix in the order of a decode step (so, as in a
+    real step, each matrix comes from memory rather than from a warm cache), in both layouts
+    back to back -- in alternating order, so that a burst of load elsewhere hits both alike --
+    and each shape keeps its best total per layout over the rounds. A shape gets the transposed
+    copy only if that is at least 5% faster: the copy costs memory. A noisy measurement can only
     cost speed, never exactness: both layouts compute the same products.
     """
     copies = [w.t().contiguous() for w in weights]  # (in, out)
     xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
     best: dict[tuple, float] = {}
     for r in range(rounds):
-        for layout in ("linear", "transposed") if r % 2 == 0 else ("transposed", "linear"):
-            totals: dict[tuple[int, int], float] = {}
-            for w, wt in zip(weights, copies):
-                x = xs[w.shape[1]]
+        totals: dict[tuple, float] = {}
+        for i, (w, wt) in enumerate(zip(weights, copies)):
+            x, shape = xs[w.shape[1]], tuple(w.shape)
+            for layout in ("linear", "transposed") if (r + i) % 2 == 0 else ("transposed", "linear"):
                 t0 = time.perf_counter()
                 if layout == "linear":
                     F.linear(x, w)
                 else:
                     torch.mm(x, wt)
-                shape = tuple(w.shape)
-                totals[shape] = totals.get(shape, 0.0) + time.perf_counter() - t0
-            for shape, t in totals.items():
-                best[shape, layout] = min(best.get((shape, layout), math.inf), t)
+                totals[shape, layout] = totals.get((shape, layout), 0.0) + time.perf_counter() - t0
+        for key, t in totals.items():
+            best[key] = min(best.get(key, math.inf), t)
     shapes = {tuple(w.shape) for w in weights}
     return {s: "transposed" if best[s, "transposed"] < 0.95 * best[s, "linear"] else "linear"
             for s in shapes}
