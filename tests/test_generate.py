@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SRC, run_cli
+from tests.conftest import SRC
+from tinygpt.cli import main
 from tinygpt.generate import (
     SamplingConfig,
     filter_logits,
@@ -213,40 +214,41 @@ def sample_on_a_terminal(*args: str) -> tuple[bytes, str, int]:
     return bytes(out), err, proc.wait(60)
 
 
-def test_sample_on_a_terminal_shows_escape_sequences_escaped(esc_run):
-    out, err, rc = sample_on_a_terminal(str(esc_run), "--prompt", "ab", "--num-chars", "40",
-                                        "--temperature", "0", "--seed", "1")
+def sample(capsys, *args) -> tuple[str, str]:
+    """``tinygpt sample ARGS`` in this process (stdout captured, so not a terminal)."""
+    assert main(["sample", *map(str, args)]) == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_sample_on_a_terminal_shows_escape_sequences_escaped(esc_run, capsys):
+    args = [esc_run, "--prompt", "ab", "--num-chars", "40", "--temperature", "0", "--seed", "1"]
+    out, err, rc = sample_on_a_terminal(*map(str, args))
     assert rc == 0, err
     assert b"\x1b" not in out
     assert b"\\x1b" in out  # the model did write ESC: shown as four visible characters
-    # redirected to a pipe, the same command writes the bytes exactly as generated
-    proc = run_cli("sample", esc_run, "--prompt", "ab", "--num-chars", "40", "--temperature",
-                   "0", "--seed", "1", env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert "\x1b" in proc.stdout and "\\x1b" not in proc.stdout
+    # redirected, the same command writes the text exactly as generated
+    raw, _ = sample(capsys, *args)
+    assert "\x1b" in raw and "\\x1b" not in raw
     shown = out.decode().replace("\r\n", "\n")  # the terminal turns newlines into CR LF
-    assert shown == visible_controls(proc.stdout)
+    assert shown == visible_controls(raw)
 
 
-def test_sample_says_which_seed_it_used_and_that_seed_gives_the_text_again(esc_run):
-    first = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a",
-                    env={"OMP_NUM_THREADS": "1"})
-    assert first.returncode == 0, first.stderr
-    seed = re.fullmatch(r"seed (\d+) \(--seed \1 gives this text again\)\n", first.stderr)
-    assert seed, first.stderr
-    again = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a", "--seed",
-                    seed.group(1), env={"OMP_NUM_THREADS": "1"})
-    assert again.returncode == 0 and again.stdout == first.stdout
-    assert again.stderr == ""  # a given seed is not repeated back
+def test_sample_says_which_seed_it_used_and_that_seed_gives_the_text_again(esc_run, capsys):
+    first, err = sample(capsys, esc_run, "--num-chars", "30", "--prompt", "a")
+    seed = re.fullmatch(r"seed (\d+) \(--seed \1 gives this text again\)\n", err)
+    assert seed, err
+    again, err = sample(capsys, esc_run, "--num-chars", "30", "--prompt", "a", "--seed",
+                        seed.group(1))
+    assert again == first
+    assert err == ""  # a given seed is not repeated back
 
 
 @pytest.mark.parametrize("flags", [["--temperature", "1e-45"], ["--temperature", "5e-324"],
                                    ["--top-p", "5e-324"], ["--temperature", "1e-45", "--top-p",
                                                            "5e-324", "--top-k", "1"]])
-def test_sample_with_denormal_settings_is_greedy(esc_run, flags):
-    greedy = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a", "--seed", "3",
-                     "--temperature", "0", env={"OMP_NUM_THREADS": "1"})
-    proc = run_cli("sample", esc_run, "--num-chars", "30", "--prompt", "a", "--seed", "3",
-                   *flags, env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == greedy.stdout and len(proc.stdout) == 32
+def test_sample_with_denormal_settings_is_greedy(esc_run, capsys, flags):
+    common = [esc_run, "--num-chars", "30", "--prompt", "a", "--seed", "3"]
+    greedy, _ = sample(capsys, *common, "--temperature", "0")
+    out, _ = sample(capsys, *common, *flags)
+    assert out == greedy and len(out) == 32
