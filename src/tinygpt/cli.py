@@ -528,7 +528,7 @@ def _add_lesson_parsers(sub: argparse._SubParsersAction) -> None:
     limit = p.add_mutually_exclusive_group()
     limit.add_argument("--steps", type=int, default=None,
                        help="steps for every rung (default: the lecture's: 3000 for the bigram, "
-                       "5000 for the others; the GPT rung stops after 4 minutes)")
+                       "5000 for the small rungs, 1000 for the GPT)")
     limit.add_argument("--budget", default=None, metavar="DURATION",
                        help="training time per rung, e.g. 30s or 2m (each rung also stops at its "
                        "step count)")
