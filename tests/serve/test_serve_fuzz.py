@@ -1,5 +1,8 @@
 """A fuzzed API: random request bodies never get a 5xx, and the server keeps answering.
 
+The completions route gets most of the attention; the attention route gets the same treatment
+with fewer examples.
+
 Hypothesis writes ``POST /v1/completions`` bodies from the request schema, bent every way: any
 JSON type in any field, NaN/Infinity/denormal/huge numbers, empty and huge strings, arrays where
 strings belong, unknown fields, bodies that are not objects. Every answer must be a 200 with
@@ -130,3 +133,37 @@ def test_fuzzed_requests_never_get_a_5xx(make_server, checkpoint):
         check(http)
     # both sides of the schema were reached
     assert statuses.count(200) >= len(statuses) // 10 and statuses.count(400) >= len(statuses) // 4
+
+
+def attention_bodies(vocab: str):
+    """A valid attention request with 0-3 fields replaced or removed; or any JSON."""
+    request = st.fixed_dictionaries(
+        {"model": st.just("tiny"), "text": st.text(alphabet=vocab, min_size=1, max_size=20)},
+        optional={"layer": st.integers(-1, 2), "head": st.integers(-1, 3)},
+    )
+    names = st.sampled_from(["model", "text", "layer", "head"]) | st.text(max_size=10)
+    changes = st.dictionaries(names, JSON | st.just(REMOVE), max_size=3)
+    return st.one_of(st.builds(mutate, request, changes), JSON)
+
+
+def test_fuzzed_attention_requests_never_get_a_5xx(make_server, checkpoint):
+    s = make_server(limits=LIMITS)
+    vocab = "".join(checkpoint.tokenizer.chars)
+    statuses: list[int] = []
+
+    @hypothesis.settings(max_examples=max(10, EXAMPLES // 2), deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(body=attention_bodies(vocab))
+    def check(http: httpx.Client, body) -> None:
+        r = http.post("/v1/tinygpt/attention", content=json.dumps(body, allow_nan=True).encode(),
+                      headers={"Content-Type": "application/json"})
+        statuses.append(r.status_code)
+        if r.status_code == 200:
+            assert r.json()["object"] == "tinygpt.attention"
+        else:
+            check_answer(r, body)
+        assert http.get("/health").status_code == 200
+
+    with httpx.Client(base_url=s.url, timeout=60) as http:
+        check(http)
+    assert 200 in statuses and 400 in statuses
