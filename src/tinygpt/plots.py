@@ -202,18 +202,20 @@ def plot_ladder(rungs: Sequence[dict], out: Path) -> Path:
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.2])
     names = [r["name"] for r in rungs]
     xs = range(len(rungs))
-    left.bar(xs, [r["val_loss"] for r in rungs], color="C0", label="this run")
+    ours = [r["val_loss"] for r in rungs]
+    left.plot(xs, ours, "o-", color="C0", label="this run", markersize=7)
     lecture = [(i, r["lecture_val_loss"]) for i, r in enumerate(rungs) if r.get("lecture_val_loss")]
     if lecture:
-        left.plot(*zip(*lecture), "D", color="C3", label="the lecture")
-    for i, r in enumerate(rungs):
-        left.text(i, r["val_loss"] + 0.02, f"{r['val_loss']:.2f}", ha="center", fontsize=8)
+        left.plot(*zip(*lecture), "D", color="C3", label="the lecture", markersize=6, alpha=0.8)
+    for i, v in enumerate(ours):
+        left.annotate(f"{v:.2f}", (i, v), textcoords="offset points", xytext=(8, 4), fontsize=8,
+                      color="C0")
     left.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=8)
+    left.set_xlim(-0.5, len(rungs) - 0.3)
     left.set_ylabel("whole-split val loss (nats per character)")
-    left.set_ylim(0, max(r["val_loss"] for r in rungs) * 1.15)
     left.set_title("val loss per rung")
     left.legend(fontsize="small")
-    left.grid(axis="y", alpha=0.3)
+    left.grid(alpha=0.3)
     for i, r in enumerate(rungs):
         curve = r.get("curve") or []
         if curve:
