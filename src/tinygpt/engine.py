@@ -30,6 +30,10 @@ have different lengths: every row gets its own positions and an attention mask t
 unused end of shorter rows. When the set of sequences in a decode batch changes (a request joins
 or leaves), their cache rows are copied into a new batch cache once.
 
+Decode steps. Prefill runs the model's forward; a step of one new token per sequence runs
+``DecodeStep``, the same arithmetic for one position with each weight matrix in the layout that
+multiplies a vector fastest on this CPU (measured once per process; see "the decode step" below).
+
 Text. ``stream`` samples ``num_samples`` texts in one batch and yields their text as it is
 produced; ``generate_text`` collects it. Each sample ``i`` draws from its own
 ``torch.Generator`` seeded with ``seed + i``, so a batch gives exactly the texts that one-by-one
@@ -437,6 +441,9 @@ class Engine:
     ``model`` is a ``GPT`` or a ``BigramLM``. The cache is used for causal GPTs only: the bigram
     model looks at one token (there is nothing to cache) and a non-causal GPT's earlier positions
     change whenever the context grows; those are always recomputed, exactly like the reference.
+
+    ``decode_layout`` (default ``$TINYGPT_DECODE_LAYOUT``, else "auto") chooses how a cached step
+    of one new token per sequence runs: see ``DecodeStep`` and ``DECODE_LAYOUTS``.
     """
 
     def __init__(
