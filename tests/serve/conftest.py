@@ -68,6 +68,15 @@ def checkpoint(run_dir):
     return load_checkpoint(run_dir, device="cpu")
 
 
+def wait_for(cond, timeout: float = 10.0) -> None:
+    """Wait until ``cond()`` is true (the server's worker reaching a state), at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.005)
+
+
 class ServerThread:
     """uvicorn serving ``app`` from a background thread on 127.0.0.1, port chosen by the OS."""
 

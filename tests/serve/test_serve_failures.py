@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from tests.serve.conftest import wait_for
 
 import tinygpt.serve.scheduler as scheduler_module
 
@@ -18,14 +19,6 @@ DENORMAL = [
     {"top_p": 5e-324},
     {"temperature": 5e-324, "top_p": 5e-324, "top_k": 2},
 ]
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def post(http: httpx.Client, **fields) -> httpx.Response:

@@ -10,18 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from tests.serve.conftest import wait_for
 
 from tinygpt.serve.options import ServeLimits
 
 REQ = {"model": "tiny", "prompt": "To be", "max_tokens": 4}
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 def test_queue_full_gives_429_with_retry_after(make_server, engines, checkpoint):
