@@ -109,7 +109,7 @@ def _bad_cases(tmp):
     empty.write_text("")
     nodir = tmp / "no_text_dir"
     nodir.mkdir()
-    (nodir / "notes.md").write_text("# not .txt")
+    (nodir / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")  # binary: skipped
     short = tmp / "short.txt"
     short.write_text("abcdefghij" * 10)
     ok = tmp / "ok.txt"
@@ -126,7 +126,7 @@ def _bad_cases(tmp):
     return [
         ("missing path", [*train, "--data", tmp / "missing.txt"], "no such file or directory"),
         ("empty file", [*train, "--data", empty], "contains no text"),
-        ("dir without text", [*train, "--data", nodir], "contains no .txt files"),
+        ("dir without text", [*train, "--data", nodir], "contains no UTF-8 text files"),
         ("invalid utf-8", [*train, "--data", bad_utf8], "invalid UTF-8 at byte offset 200"),
         ("split too short", [*train, "--data", short, "--block-size", "16"], "val split has 10"),
         ("unknown dataset", [*train, "--data", "shakespear"], "built-in dataset"),

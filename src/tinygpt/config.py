@@ -151,7 +151,10 @@ class TrainConfig:
         "none", "normalise each head's queries and keys: rmsnorm, layernorm, or none",
         choices=QK_NORMS,
     )
-    mlp: str = _opt("gelu", "MLP activation: gelu, relu2 (squared ReLU) or swiglu", choices=MLPS)
+    mlp: str = _opt(
+        "gelu", "MLP activation: gelu, gelu_tanh (GPT-2's tanh approximation), relu2 (squared "
+        "ReLU) or swiglu", choices=MLPS,
+    )
     tie_embeddings: bool = _opt(False, "share the token embedding table with the output head")
     zero_init: bool = _opt(False, "initialise residual projections and the head to zero")
     logit_softcap: float | None = _opt(None, "squash logits into (-CAP, CAP) with CAP*tanh(x/CAP)")
