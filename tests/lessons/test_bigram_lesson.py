@@ -41,5 +41,8 @@ def test_bigram_command(small_text, tmp_path, cli):
     info = json.loads((out / "bigram.json").read_text())
     assert info["learned_train_loss"] >= info["optimum_train_loss"] - 1e-6
     assert info["learned_train_loss"] - info["optimum_train_loss"] < 0.6  # approaching the optimum
+    tv = [t for _, t in info["convergence"]]
+    assert [s for s, _ in info["convergence"]] == list(range(0, 301, 30))
+    assert tv[-1] < tv[0] / 2 and tv[-1] == info["total_variation"]  # the tables converge
     assert len(info["sample"]) == 500 and info["sample"] in proc.stdout
     assert (out / "bigram.png").read_bytes()[:4] == b"\x89PNG"

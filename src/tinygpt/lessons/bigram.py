@@ -50,6 +50,18 @@ def optimum_loss(counts: torch.Tensor) -> float:
     return (-(counts[seen] * p[seen].log()).sum() / counts.sum()).item()
 
 
+def learned_probs(model: BigramLM) -> torch.Tensor:
+    """The model's P(next | current), (V, V): softmax of each row of its table."""
+    return torch.softmax(model.token_embedding_table.weight.detach().float(), dim=-1)
+
+
+def total_variation(model: BigramLM, counted: torch.Tensor, row_weight: torch.Tensor) -> float:
+    """How far the model's table is from the counted one: per row, half the summed absolute
+    difference of the probabilities (0: equal, 1: disjoint), averaged with ``row_weight``."""
+    diff = (learned_probs(model).double() - counted.double()).abs().sum(dim=1)
+    return (0.5 * diff * row_weight).sum().item()
+
+
 @dataclass
 class BigramLesson:
     learned: torch.Tensor  # (V, V) the model's P(next | current)
@@ -60,6 +72,7 @@ class BigramLesson:
     total_variation: float  # mean over characters (weighted by frequency) of TV(learned, counted)
     sample: str
     steps: int
+    convergence: list[tuple[int, float]]  # (step, total variation) while training
 
 
 def run_bigram(
@@ -73,14 +86,17 @@ def run_bigram(
     torch.manual_seed(seed)
     model = BigramLM(BigramConfig(V))
     hp = Hyper(batch_size=32, block_size=8, lr=1e-2, max_iters=steps, eval_interval=max(1, steps // 10))
-    trained = train_model(model, corpus, hp, seed)
-    learned = torch.softmax(model.token_embedding_table.weight.detach().float(), dim=-1)  # (V, V)
+    row_weight = counts.sum(dim=1).double() / counts.sum()  # how often each character occurs
+    convergence: list[tuple[int, float]] = []
+    trained = train_model(
+        model, corpus, hp, seed,
+        on_eval=lambda step, m: convergence.append((step, total_variation(m, counted, row_weight))),
+    )
+    learned = learned_probs(model)
     learned_loss = evaluate_tokens(model, train_tokens, 256, batch_size=256)["val_loss"]
-    row_weight = counts.sum(dim=1).double() / counts.sum()
-    tv = (0.5 * (learned.double() - counted.double()).abs().sum(dim=1) * row_weight).sum().item()
     lesson = BigramLesson(
-        learned, counted, learned_loss, optimum_loss(counts), trained.val_loss, tv,
-        sample_text(model, corpus, sample_chars, 8, seed), trained.steps,
+        learned, counted, learned_loss, optimum_loss(counts), trained.val_loss, convergence[-1][1],
+        sample_text(model, corpus, sample_chars, 8, seed), trained.steps, convergence,
     )
     if out_dir is not None:
         from tinygpt.plots import plot_bigram
@@ -92,6 +108,7 @@ def run_bigram(
         write_json(out_dir / "bigram.json", {
             "steps": lesson.steps, "learned_train_loss": learned_loss,
             "optimum_train_loss": lesson.optimum_loss, "val_loss": lesson.val_loss,
-            "total_variation": tv, "sample": lesson.sample,
+            "total_variation": lesson.total_variation, "convergence": lesson.convergence,
+            "sample": lesson.sample,
         })
     return lesson

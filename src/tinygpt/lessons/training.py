@@ -10,6 +10,7 @@ comparable across models. The full training machinery (checkpoints, schedules, r
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,25 +74,36 @@ def estimate_loss(model: nn.Module, corpus: Corpus, hp: Hyper, seed: int) -> dic
     return out
 
 
-def train_model(model: nn.Module, corpus: Corpus, hp: Hyper, seed: int = 1337) -> Trained:
-    """Train ``model`` (any ``forward(idx, targets) -> (logits, loss)``) with AdamW on ``corpus``."""
+def train_model(
+    model: nn.Module, corpus: Corpus, hp: Hyper, seed: int = 1337,
+    on_eval: Callable[[int, nn.Module], None] | None = None,
+) -> Trained:
+    """Train ``model`` (any ``forward(idx, targets) -> (logits, loss)``) with AdamW on ``corpus``.
+
+    ``on_eval(step, model)`` is called after every estimate (to record more than the loss).
+    """
     corpus.check_block_size(hp.block_size)
     torch.manual_seed(seed)  # dropout
     batches = torch.Generator().manual_seed(seed)  # the same batches for every model
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr)
     curve: list[tuple[int, float, float]] = []
+
+    def evaluate(step: int) -> None:
+        est = estimate_loss(model, corpus, hp, seed + 1)
+        curve.append((step, est["train"], est["val"]))
+        if on_eval is not None:
+            on_eval(step, model)
+
     model.train()
     spent = 0.0
     step = 0
     while True:
         if step % hp.eval_interval == 0 or step == hp.max_iters:
-            est = estimate_loss(model, corpus, hp, seed + 1)
-            curve.append((step, est["train"], est["val"]))
+            evaluate(step)
         out_of_time = hp.time_limit_s is not None and spent >= hp.time_limit_s
         if step == hp.max_iters or out_of_time:
             if curve[-1][0] != step:
-                est = estimate_loss(model, corpus, hp, seed + 1)
-                curve.append((step, est["train"], est["val"]))
+                evaluate(step)
             break
         t0 = time.perf_counter()
         xb, yb = corpus.get_batch("train", hp.batch_size, hp.block_size, batches)  # (B, T) each
