@@ -63,6 +63,8 @@ def test_attention_and_bigram_pictures(tmp_path):
     png_size(plot_attention(maps, list("ab c\n"), tmp_path / "att.png", title="t"))
     with pytest.raises(ValueError, match="characters"):
         plot_attention(maps, list("ab"), tmp_path / "x.png")
+    # Token labels with dollar signs are text, not formulas (r"a$\b$" is not valid mathtext).
+    png_size(plot_attention(maps[:1, :1, :2, :2], ["$", r"a$\b$"], tmp_path / "dollars.png"))
     p = torch.rand(4, 4).softmax(-1)
     png_size(plot_bigram(p, p, list("abc "), tmp_path / "bigram.png", 1.0, 0.9))
 

@@ -156,7 +156,9 @@ def plot_runs(run_dirs: Sequence[Path], out: Path, labels: Sequence[str] | None 
 
 
 def _char_label(c: str) -> str:
-    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(c, c)
+    """A character (or token) as an axis label: whitespace made visible, and "$" escaped so that
+    matplotlib never reads a label as a formula."""
+    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(c, c).replace("$", r"\$")
 
 
 def plot_attention(maps: torch.Tensor, chars: Sequence[str], out: Path, title: str = "") -> Path:
