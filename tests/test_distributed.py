@@ -10,6 +10,7 @@ weights are bitwise those of a run never killed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,8 +43,20 @@ def launch(*train_args) -> list[str]:
 
 
 def run_launch(*train_args, extra_env: dict | None = None, timeout: float = 300):
-    return subprocess.run(launch(*train_args), env=env(**(extra_env or {})), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_job(launch(*train_args), extra_env, timeout)
+
+
+def run_job(cmd: list[str], extra_env: dict | None = None, timeout: float = 300):
+    """Run a launcher in its own process group, and leave no process of it behind."""
+    proc = subprocess.Popen(cmd, env=env(**(extra_env or {})), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -121,16 +134,22 @@ def test_max_restarts_continues_from_the_newest_checkpoint(two_ranks, tmp_path):
     run = tmp_path / "run"
     cmd = launch(*flags(tiny_settings(text, run, **DDP)))
     cmd.insert(cmd.index("train"), "--max-restarts=1")
-    proc = subprocess.run(cmd, env=env(TINYGPT_FAULT_AFTER="step@13", TINYGPT_FAULT_RANK="1",
-                                       TINYGPT_FAULT_ONCE=str(tmp_path / "fired")),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, {"TINYGPT_FAULT_AFTER": "step@13", "TINYGPT_FAULT_RANK": "1",
+                         "TINYGPT_FAULT_ONCE": str(tmp_path / "fired")})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "fired").exists()  # a worker did die once
     assert weights_digest(run) == weights_digest(ref)
     assert losses(run) == losses(ref)
 
 
-def test_sigterm_to_the_launcher_saves_one_checkpoint_that_every_rank_agrees_on(two_ranks, tmp_path):
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigterm_to_the_launcher_saves_one_checkpoint_that_every_rank_agrees_on(
+        two_ranks, tmp_path, request):
     """The ranks agree on the step to stop at (a signal on any rank stops all at the same step);
     rank 0 saves it and alone reports it; the launcher exits 143."""
     text, _, _ = two_ranks
@@ -138,7 +157,8 @@ def test_sigterm_to_the_launcher_saves_one_checkpoint_that_every_rank_agrees_on(
     settings = tiny_settings(text, run, **{**DDP, "max_steps": 100_000, "eval_interval": 100_000,
                                            "save_every": "300ms"})
     proc = subprocess.Popen(launch(*flags(settings)), env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    request.addfinalizer(lambda: _kill_group(proc))
     deadline = time.monotonic() + 120
     seen = 0
     while seen == 0 and time.monotonic() < deadline and proc.poll() is None:
@@ -163,10 +183,9 @@ def test_a_bad_data_path_stops_the_whole_job_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     # Plain torchrun: each rank says what is wrong and the job ends (torchrun's own exit status).
     start = time.monotonic()
-    plain = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc-per-node", "2", "-m", "tinygpt", "train", "--data",
-                            str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")],
-                           env=env(), capture_output=True, text=True, timeout=120)
+    plain = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc-per-node", "2", "-m", "tinygpt", "train", "--data",
+                     str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")], timeout=120)
     assert plain.returncode != 0 and time.monotonic() - start < 120
     assert "tinygpt train: error: no such file or directory" in plain.stderr
 
@@ -187,7 +206,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_rendezvous_on_localhost(two_ranks, tmp_path):
+def test_two_nodes_rendezvous_on_localhost(two_ranks, tmp_path, request):
     """Two launches with --nnodes 2 (one process each) meet at a c10d rendezvous on 127.0.0.1
     and train the same model as one launch with two processes."""
     text, ref, _ = two_ranks
@@ -199,7 +218,8 @@ def test_two_nodes_rendezvous_on_localhost(two_ranks, tmp_path):
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                "--rdzv-id", "tinygpt-test", "train", *flags(tiny_settings(text, run, **DDP))]
         procs.append(subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+        request.addfinalizer(lambda p=procs[-1]: _kill_group(p))
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err

@@ -97,12 +97,29 @@ def setup(device_name: str) -> tuple[DistEnv, str]:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores or 1) // env.local_world_size))
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=10)
         dist.init_process_group(
             backend="nccl" if device_name.startswith("cuda") else "gloo",
-            timeout=datetime.timedelta(minutes=10),
+            store=_attempt_store(env, timeout), rank=env.rank, world_size=env.world_size,
+            timeout=timeout,
             **({"device_id": torch.device(device_name)} if device_name.startswith("cuda") else {}),
         )
     return env, device_name
+
+
+def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The job's key-value store, with its keys under this attempt's name: after a restart
+    (``torchrun --max-restarts``) the processes must not find the addresses the processes of the
+    failed attempt published there."""
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise TinyGPTError("MASTER_ADDR and MASTER_PORT are not set: start with torchrun") from None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, env.world_size, is_master=not agent_store and env.rank == 0,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"tinygpt/attempt-{attempt}", store)
 
 
 def shutdown() -> None:
