@@ -19,9 +19,9 @@ from tinygpt.train import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-# A tiny GPT with dropout, so that resuming must also restore the global torch RNG.
+# A tiny GPT of the lecture's architecture (AdamW), with dropout.
 TINY = dict(
-    n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=8, dropout=0.1,
+    preset="cpu", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=8, dropout=0.1,
     eval_iters=2, sample_chars=0, warmup_steps=5, device="cpu",
 )
 

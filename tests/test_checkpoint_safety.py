@@ -144,8 +144,8 @@ def test_forced_nan_halts_before_the_step_and_the_last_checkpoint_stays_good(
     assert weights_digest(run) == weights_digest(ref)
 
     # Through the CLI the same failure is one line and exit status 2.
-    settings = ["--data", small_text, "--out", tmp_path / "cli", "--n-layer", 1, "--n-head", 2,
-                "--n-embd", 16, "--block-size", 16, "--batch-size", 8, "--lr", 1e4,
+    settings = ["--preset", "cpu", "--data", small_text, "--out", tmp_path / "cli", "--n-layer", 1,
+                "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--batch-size", 8, "--lr", 1e4,
                 "--warmup-steps", 1000, "--max-steps", 60, "--eval-interval", 5,
                 "--eval-iters", 2, "--sample-chars", 0, "--device", "cpu"]
     assert main_in_process("train", *settings) == 2

@@ -156,13 +156,26 @@ def _bad_cases(tmp):
     ]
 
 
-def test_bad_input_gives_one_line_and_status_2(tmp_path, cli):
+def test_bad_input_gives_one_line_and_status_2(tmp_path, capsys):
+    """In this process (each case in a fresh process would take a second or two)."""
+    from tinygpt.cli import main
+
     for name, argv, fragment in _bad_cases(tmp_path):
-        proc = cli(*argv)
-        err = proc.stderr.strip()
-        assert proc.returncode == 2, (name, proc.returncode, err)
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (name, code, err)
         assert "Traceback" not in err and len(err.splitlines()) == 1, (name, err)
         assert fragment in err, (name, err)
+
+
+def test_a_bad_input_in_a_real_process_is_one_line_and_status_2(tmp_path, cli):
+    proc = cli("train", "--data", tmp_path / "missing.txt", "--out", tmp_path / "run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"tinygpt train: error: no such file or directory: {tmp_path / 'missing.txt'}"]
 
 
 @pytest.mark.parametrize(

@@ -305,9 +305,12 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
 def save(run: Run, state: LoopState, record: dict | None, improved: bool) -> None:
     """A checkpoint of everything needed to continue exactly from ``state.step`` (written by rank 0:
     the replicas are identical)."""
+    if run.dist.is_main:
+        _write_checkpoint(run, state, record, improved)
     state.saved_step, state.saved_at = state.step, time.monotonic()
-    if not run.dist.is_main:
-        return
+
+
+def _write_checkpoint(run: Run, state: LoopState, record: dict | None, improved: bool) -> None:
     ckpt_state = {
         **run.base_state, "step": state.step, "train_loss": state.train_loss,
         "val_loss": state.val_loss,
