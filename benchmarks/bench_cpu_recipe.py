@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import setting_value
 
 from tinygpt.config import TrainConfig, parse_duration
 from tinygpt.device import native_bf16
@@ -52,15 +53,6 @@ CLASSIC = {
     "dropout": 0.0, "lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 100, "max_steps": 2000,
     "optimizer": "adamw", "schedule": "cosine",
 }
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def time_to(rows: list[dict], target: float) -> float | None:
@@ -138,7 +130,7 @@ def main() -> None:
                 ap.error("--only modern needs --budget")
             settings = {"preset": args.preset, "max_time": f"{budget:.3f}s"}
             settings.update(dict(kv.split("=", 1) for kv in args.set))
-            settings = {k: _value(v) if isinstance(v, str) and k not in ("max_time", "preset") else v
+            settings = {k: setting_value(v) if isinstance(v, str) and k not in ("max_time", "preset") else v
                         for k, v in settings.items()}
             # Evaluate about --evals times: estimate the step rate from a short warm-up run.
             probe = TrainConfig.resolve({**settings, "max_time": None, "max_steps": 1})

@@ -25,20 +25,12 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import setting_value
 
 from tinygpt.config import TrainConfig, parse_duration
 from tinygpt.data import load_corpus
 from tinygpt.evaluate import evaluate_tokens
 from tinygpt.train import train
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def run(name: str, settings: dict, tmp: Path) -> dict:
@@ -103,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         common["eval_interval"] = max(1, args.steps)
     for item in args.set:
         key, _, value = item.partition("=")
-        common[key.replace("-", "_")] = _value(value)
+        common[key.replace("-", "_")] = setting_value(value)
 
     runs = [] if args.no_char else [("char", {"tokenizer": "char"})]
     for size in (int(s) for s in args.vocab_sizes.split(",") if s.strip()):

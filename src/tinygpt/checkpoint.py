@@ -55,7 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinygpt.errors import TinyGPTError
-from tinygpt.files import atomic_write, fsync_dir, sha256_file, usual_mode, write_json
+from tinygpt.files import atomic_write, fsync_dir, read_json_object, sha256_file, usual_mode, write_json
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -362,14 +362,9 @@ class TrainingCheckpoint:
 
 def _read_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.name} is missing") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path.name}: {_one_line(e)}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path.name} is not a JSON object")
-    return obj
+        return read_json_object(path, path.name)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _one_line(e: BaseException | str) -> str:

@@ -67,3 +67,19 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: Path, label: str) -> dict:
+    """The JSON object in ``path``; otherwise a ``ValueError`` of one line that starts with
+    ``label`` (is missing, cannot be read, is not a JSON object)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{label} is missing") from None
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read {label}: {first}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{label} is not a JSON object")
+    return obj
+

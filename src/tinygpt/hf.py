@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from tinygpt.errors import TinyGPTError
-from tinygpt.files import atomic_write, write_json
+from tinygpt.files import atomic_write, read_json_object, write_json
 from tinygpt.models.gpt import GPT, ROPE_BASE, GPTConfig
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
@@ -405,14 +405,9 @@ def export_run(run_dir: Path, out_dir: Path, which: str = "best",
 
 def _read_json_file(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TinyGPTError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:
-        raise TinyGPTError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(obj, dict):
-        raise TinyGPTError(f"{path} is not a JSON object")
-    return obj
+        return read_json_object(path, str(path))
+    except ValueError as e:
+        raise TinyGPTError(str(e)) from None
 
 
 def _gpt2_config(hf: dict, where: Path) -> GPTConfig:

@@ -12,16 +12,9 @@ from safetensors.torch import load_file
 
 from tinygpt.models.gpt import GPT, GPTConfig
 
+from .fixtures.make_gpt_reference import BASE, VARIANTS
+
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt_reference.safetensors"
-BASE = dict(vocab_size=11, block_size=12, n_layer=2, n_head=2, n_embd=8, dropout=0.0)
-VARIANTS = {
-    "lecture": {},
-    "no_bias": dict(bias=False),
-    "rope_qknorm": dict(pos_embedding="rope", qk_norm="rmsnorm"),
-    "rmsnorm_relu2": dict(norm="rmsnorm", mlp="relu2", qk_norm="layernorm"),
-    "swiglu_tied_softcap": dict(mlp="swiglu", tie_embeddings=True, logit_softcap=3.0),
-    "no_causal": dict(causal=False),
-}
 
 
 @pytest.fixture(scope="module")
