@@ -5,6 +5,7 @@ Values are layered: dataclass defaults < preset < TOML file (``--config``) < com
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -273,11 +274,12 @@ class TrainConfig:
         # Validate the model shape now, before any data is read.
         self.model_config(vocab_size=1)
 
-    @property
+    # Read at every training step: parsed once (a changed setting makes a new TrainConfig).
+    @functools.cached_property
     def max_time_s(self) -> float | None:
         return None if self.max_time is None else parse_duration(self.max_time)
 
-    @property
+    @functools.cached_property
     def save_every_s(self) -> float | None:
         return None if self.save_every is None else parse_duration(self.save_every)
 
