@@ -6,9 +6,12 @@
 
 The model has the shape of the lecture's final one (6 layers, 6 heads, 384 wide, context 256,
 vocabulary 65) with random weights: speed does not depend on what the weights say. Decoding is
-greedy, so the two paths must produce the same tokens; the script checks that, and that the
-logits of every step agree within --atol. It reports characters per second summed over the
-batch. Both paths slide the context window the same way once the text outgrows it (by
+greedy, so the two paths must produce the same tokens. The cached path is fed the reference's
+text (its own choice is still computed at every step), so the logits of every step are compared
+and must agree within --atol; its choice must be the reference's, except where the reference's
+two best logits are themselves within 2 x --atol -- a tie that summation order may break either
+way (a model with random weights has many near ties). It reports characters per second summed
+over the batch. Both paths slide the context window the same way once the text outgrows it (by
 --window-shift characters, default half the context); --window-shift 1 is the lecture's crop at
 every step, where the cache has nothing to reuse past the context length.
 
@@ -51,16 +54,18 @@ def reference(model: GPT, prompts: torch.Tensor, n: int, window_shift: int | Non
 
 
 def cached(model: GPT, prompts: torch.Tensor, n: int, window_shift: int | None = None,
-           layout: str = "auto"):
-    """The engine, greedy, timed; also its tokens and logits per step."""
+           layout: str = "auto", follow: list[list[int]] | None = None):
+    """The engine, greedy, timed; also its tokens and logits per step. With ``follow`` (the
+    reference's tokens per step) it appends those instead of its own choices, so that its
+    logits can be compared with the reference's at every step."""
     engine = Engine(model, window_shift=window_shift, decode_layout=layout)
     t0 = time.perf_counter()
     states = [engine.new_sequence(p) for p in prompts.tolist()]
     tokens, seen = [], []
-    for _ in range(n):
+    for i in range(n):
         logits = engine.step(states)
         chosen = logits.argmax(dim=-1).tolist()
-        for s, t in zip(states, chosen, strict=True):
+        for s, t in zip(states, chosen if follow is None else follow[i], strict=True):
             engine.append(s, t)
         tokens.append(chosen)
         seen.append(logits)
@@ -69,6 +74,22 @@ def cached(model: GPT, prompts: torch.Tensor, n: int, window_shift: int | None =
         print("       auto layout: " + ", ".join(
             f"{o}x{i} {c}" for (o, i), c in sorted(engine._decoder.choice.items())))
     return elapsed, tokens, seen
+
+
+def compare_choices(tokens: list[list[int]], ref_tokens: list[list[int]],
+                    ref_logits: list[torch.Tensor], tie: float) -> tuple[int, int]:
+    """(near ties, real differences) among the rows where the cached path chose another token
+    than the reference: a near tie is a row whose two best reference logits are within ``tie``."""
+    ties = wrong = 0
+    for step, ref_step, logits in zip(tokens, ref_tokens, ref_logits, strict=True):
+        for row, (a, b) in enumerate(zip(step, ref_step, strict=True)):
+            if a != b:
+                top2 = logits[row].topk(2).values
+                if (top2[0] - top2[1]).item() <= tie:
+                    ties += 1
+                else:
+                    wrong += 1
+    return ties, wrong
 
 
 def main() -> int:
@@ -102,13 +123,15 @@ def main() -> int:
         print(f"{B:>5}  {'no cache (generate_tokens)':<28} {t_ref:8.2f} {total / t_ref:9.1f} "
               f"{1.0:8.2f}")
         for layout in args.decode_layout:
-            t, toks, lgs = cached(model, prompts, args.chars, args.window_shift, layout)
+            t, toks, lgs = cached(model, prompts, args.chars, args.window_shift, layout,
+                                  follow=tok_ref)
             worst = max((a - b).abs().max().item() for a, b in zip(lgs, lg_ref, strict=True))
-            same = toks == tok_ref
-            ok &= same and worst <= args.atol
+            ties, wrong = compare_choices(toks, tok_ref, lg_ref, 2 * args.atol)
+            ok &= not wrong and worst <= args.atol
+            verdict = ("DIFFER" if wrong else "identical" if not ties
+                       else f"identical but {ties} near-tie(s)")
             print(f"{B:>5}  {'kv cache (' + layout + ')':<28} {t:8.2f} {total / t:9.1f} "
-                  f"{t_ref / t:8.2f}  tokens {'identical' if same else 'DIFFER'}, "
-                  f"max |dlogit| {worst:.1e}")
+                  f"{t_ref / t:8.2f}  tokens {verdict}, max |dlogit| {worst:.1e}")
             sys.stdout.flush()
     if not ok:
         print("MISMATCH: the cached path does not reproduce the reference", file=sys.stderr)
