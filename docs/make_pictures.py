@@ -48,8 +48,8 @@ def main() -> None:
             shutil.copy(tmp / "no-mask" / name, OUT / name)
         # A short GPT run: its loss curve and where its heads look.
         run = tmp / "gpt"
-        code = tinygpt(["train", "--data", args.data, "--out", str(run), "--max-steps", "600",
-                        "--eval-interval", "100", "--sample-chars", "0"])
+        code = tinygpt(["train", "--data", args.data, "--preset", "cpu", "--out", str(run),
+                        "--max-steps", "600", "--eval-interval", "100", "--sample-chars", "0"])
         assert code == 0
         plot_run(run, OUT / "loss.png")
         code = tinygpt(["attention", str(run), "--prompt", "ROMEO:\nBut soft, what light", "--out",

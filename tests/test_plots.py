@@ -135,3 +135,22 @@ def test_attention_command_bad_prompt(two_runs, capsys, prompt, fragment):
     assert tinygpt("attention", two_runs["causal"], "--prompt", prompt) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
+
+
+def test_tokens_axis_labels_read_without_an_offset():
+    """Millions of tokens are written 1.2M on the top axis, not 1.2 with a '1e6' elsewhere."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tinygpt.plots import _tokens_axis
+
+    records = [{"step": 100 * i, "tokens": 204_800 * i} for i in range(7)]
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.plot([r["step"] for r in records], [4.0 - 0.3 * i for i in range(7)])
+    _tokens_axis(ax, records)
+    FigureCanvasAgg(fig).draw()
+    (top,) = ax.child_axes
+    labels = [t.get_text() for t in top.xaxis.get_ticklabels() if t.get_text()]
+    assert "1.2M" in labels and any(label.endswith("k") for label in labels), labels
+    assert top.xaxis.get_offset_text().get_text() == ""

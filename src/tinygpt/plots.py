@@ -88,7 +88,10 @@ def _tokens_axis(ax, records: list[dict]) -> None:
         y = np.where(x < xp[0], fp[0] + (x - xp[0]) * lo, y)
         return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * hi, y)
 
+    from matplotlib.ticker import EngFormatter
+
     top = ax.secondary_xaxis("top", functions=(lambda x: extend(x, s, t), lambda y: extend(y, t, s)))
+    top.xaxis.set_major_formatter(EngFormatter(sep=""))  # 400k, 1.2M: no offset text to misread
     top.set_xlabel("tokens seen")
 
 
