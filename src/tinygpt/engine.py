@@ -702,9 +702,8 @@ def stream(
 ) -> Iterator[Piece]:
     """Sample ``num_samples`` continuations of ``prompt`` in one batch; yield text as it comes.
 
-    ``tokenizer`` needs ``encode(str) -> list[int]`` and ``decode(list[int]) -> str``; with a
-    ``text_decoder()`` (``tinygpt.tokenizer``) the text comes in whole characters, a byte-level
-    token that ends inside one waiting for the rest. Sample i
+    ``tokenizer`` is a ``tinygpt.tokenizer.Tokenizer``; its ``text_decoder()`` gives the text in
+    whole characters, a byte-level token that ends inside one waiting for the rest. Sample i
     draws from its own generator seeded ``seed + i`` (random if ``seed`` is None), so batching
     does not change the texts. Pieces of different samples interleave; each sample ends with one
     piece whose ``finish`` is set. The prompt is not repeated in the output.
@@ -723,7 +722,7 @@ def stream(
     prompt_ids = tokenizer.encode(prompt)
     states = [engine.new_sequence(prompt_ids) for _ in range(num_samples)]
     texts = [TextStream(stop) for _ in range(num_samples)]
-    decoders = [_text_decoder(tokenizer) for _ in range(num_samples)]
+    decoders = [tokenizer.text_decoder() for _ in range(num_samples)]
     gens = [make_generator(None if seed is None else seed + i, engine.device)
             for i in range(num_samples)]
     if not use_cache:
@@ -754,24 +753,6 @@ def stream(
         active = still
     for i in active:
         yield Piece(i, _finish(texts[i], decoders[i]), "length")
-
-
-class _DecodeEach:
-    """For tokenizers without ``text_decoder``: every token decoded on its own."""
-
-    def __init__(self, tokenizer) -> None:
-        self._decode = tokenizer.decode
-
-    def push(self, token: int) -> str:
-        return self._decode([token])
-
-    def flush(self) -> str:
-        return ""
-
-
-def _text_decoder(tokenizer):
-    make = getattr(tokenizer, "text_decoder", None)
-    return make() if make is not None else _DecodeEach(tokenizer)
 
 
 def _finish(text: TextStream, decoder) -> str:
