@@ -63,7 +63,8 @@ from tinygpt.generate import (
     sample_next,
     slide_window,
 )
-from tinygpt.models.gpt import GPT, apply_rope
+from tinygpt.models.gpt import GPT
+from tinygpt.models.gpt_options import apply_rope
 
 
 def _is_int(x) -> bool:

@@ -43,7 +43,8 @@ import torch
 
 from tinygpt.errors import TinyGPTError
 from tinygpt.files import atomic_write, read_json_object, write_json
-from tinygpt.models.gpt import GPT, ROPE_BASE, GPTConfig
+from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.models.gpt_options import ROPE_BASE
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 # GPT-2's names for the activations tinygpt has; "gelu" is the exact erf form in transformers,

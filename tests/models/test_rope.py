@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinygpt.models import GPT, GPTConfig
-from tinygpt.models.gpt import apply_rope, rope_rotations
+from tinygpt.models.gpt_options import apply_rope, rope_rotations
 
 
 def rope_config(**kw) -> GPTConfig:

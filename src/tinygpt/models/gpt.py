@@ -34,12 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinygpt.models.gpt_options import (  # noqa: F401 -- re-exported: older imports use gpt.*
-    MLPS,
-    NORMS,
-    POS_EMBEDDINGS,
-    QK_NORMS,
-    ROPE_BASE,
+from tinygpt.models.gpt_options import (
     activation,
     apply_rope,
     attention_in_float32,
