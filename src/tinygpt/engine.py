@@ -64,7 +64,7 @@ from tinygpt.generate import (
     slide_window,
 )
 from tinygpt.models.gpt import GPT
-from tinygpt.models.gpt_options import apply_rope
+from tinygpt.models.gpt_options import apply_rope, soft_cap
 
 
 def _is_int(x) -> bool:
@@ -260,7 +260,7 @@ class _DecodeLayer:
     """What a decode step uses of one block, looked up once: norms as plain functions, the
     linear layers in their decode layout."""
 
-    __slots__ = ("ln_1", "q_norm", "k_norm", "n_head", "c_attn", "attn_proj", "ln_2", "mlp",
+    __slots__ = ("ln_1", "q_norm", "k_norm", "n_head", "c_attn", "attn_proj", "ln_2", "act",
                  "c_fc", "c_gate", "mlp_proj")
 
 
@@ -355,7 +355,7 @@ class DecodeStep:
         layer.k_norm = None if attn.k_norm is None else self._norm(attn.k_norm)
         layer.n_head = attn.n_head
         layer.c_attn, layer.attn_proj = self._linear(attn.c_attn), self._linear(attn.c_proj)
-        layer.mlp = mlp.kind
+        layer.act = mlp.act
         layer.c_fc, layer.mlp_proj = self._linear(mlp.c_fc), self._linear(mlp.c_proj)
         layer.c_gate = self._linear(mlp.c_gate) if mlp.kind == "swiglu" else None
         return layer
@@ -387,8 +387,7 @@ class DecodeStep:
             x = x + self._attend(layer, layer.ln_1(x), rope, cache, i)
             x = x + self._mlp(layer, layer.ln_2(x))
         logits = self.head(self.ln_f(x))  # (B, V)
-        cap = self.softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        return logits if self.softcap is None else soft_cap(logits, self.softcap)
 
     @staticmethod
     def _attend(layer: _DecodeLayer, x: torch.Tensor, rope, cache: KVCache, i: int) -> torch.Tensor:
@@ -408,15 +407,7 @@ class DecodeStep:
     @staticmethod
     def _mlp(layer: _DecodeLayer, x: torch.Tensor) -> torch.Tensor:
         h = layer.c_fc(x)  # (B, hidden)
-        kind = layer.mlp
-        if kind == "gelu":
-            h = F.gelu(h)
-        elif kind == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif kind == "relu2":
-            h = F.relu(h).square()
-        else:  # swiglu
-            h = F.silu(layer.c_gate(x)) * h
+        h = layer.act(h) if layer.c_gate is None else layer.act(layer.c_gate(x)) * h
         return layer.mlp_proj(h)
 
 
