@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinygpt.tokenizer import Tokenizer
+
 
 @torch.no_grad()
 def evaluate_tokens(
@@ -25,7 +27,7 @@ def evaluate_tokens(
     block_size: int,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
-    tokenizer=None,
+    tokenizer: Tokenizer | None = None,
 ) -> dict:
     """Mean loss of ``model`` over ``tokens`` (a 1-D array) in windows of ``block_size``.
 
@@ -57,10 +59,10 @@ def evaluate_tokens(
             "chars": chars}
 
 
-def count_chars(tokenizer, tokens: np.ndarray, chunk: int = 1 << 16) -> int:
+def count_chars(tokenizer: Tokenizer, tokens: np.ndarray, chunk: int = 1 << 16) -> int:
     """Characters that ``tokens`` decode to, counted chunk by chunk (a long split never becomes
     one Python string)."""
-    if getattr(tokenizer, "kind", "char") == "char":
+    if tokenizer.kind == "char":
         return len(tokens)
     decoder = tokenizer.text_decoder()
     n = 0
