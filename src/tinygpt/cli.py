@@ -183,6 +183,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     """The configuration (and checkpoint to continue) that ``tinygpt train ARGS`` asks for."""
     from tinygpt.config import TrainConfig
+    from tinygpt.distributed import restart_count
     from tinygpt.runs import has_checkpoint, prepare_resume, settings_for_init_from
 
     settings = read_toml_settings(args.config) if args.config else {}
@@ -194,16 +195,12 @@ def _train_config(args: argparse.Namespace):
     if settings.get("init_from"):
         settings = settings_for_init_from(settings)
     cfg = TrainConfig.resolve(settings)
-    if _restarted_by_torchrun() and has_checkpoint(Path(cfg.run_dir)):
+    if restart_count() > 0 and has_checkpoint(Path(cfg.run_dir)):
         # torchrun --max-restarts runs the same command again after a failure: continue the run
         # from its newest checkpoint instead of refusing to overwrite it.
         same = {k: v for k, v in settings.items() if k not in ("overwrite", "init_from")}
         return prepare_resume(Path(cfg.run_dir), same)
     return cfg, None
-
-
-def _restarted_by_torchrun() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

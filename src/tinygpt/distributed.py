@@ -118,8 +118,15 @@ def _attempt_store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(host, port, env.world_size, is_master=not agent_store and env.rank == 0,
                           timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"tinygpt/attempt-{attempt}", store)
+    return dist.PrefixStore(f"tinygpt/attempt-{restart_count()}", store)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job (``--max-restarts``); 0 without torchrun."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
 
 
 def shutdown() -> None:
