@@ -10,7 +10,8 @@ what the gradients say. Rows:
 - ``torch.optim.Muon``: the stock optimizer; its Newton-Schulz iterations are always bfloat16,
   one matrix after another.
 - ``tinygpt Muon, bf16`` / ``fp32``: tinygpt's, with the iterations forced to each precision,
-  matrices of one shape stacked into one batched product.
+  matrices of one shape stacked into one batched product. In float32 the wide stacks take the
+  Gram order of the products (``newton_schulz_gram``); ``fp32, direct`` turns that off.
 
 On a CPU without native bf16 (AVX2 only) the bf16 rows are emulated and many times slower than
 fp32; tinygpt picks fp32 there by itself (the ``auto`` row shows what it picks here).
@@ -81,13 +82,15 @@ def main() -> None:
         "torch.optim.Muon (bf16)": lambda ps: torch.optim.Muon(
             ps, lr=0.02, weight_decay=0.0, adjust_lr_fn="original"),
         "tinygpt Muon, bf16": lambda ps: Muon(ps, lr=0.02, ns_dtype=torch.bfloat16),
+        "tinygpt Muon, fp32, direct": lambda ps: Muon(ps, lr=0.02, ns_dtype=torch.float32,
+                                                      gram=False),
         "tinygpt Muon, fp32": lambda ps: Muon(ps, lr=0.02, ns_dtype=torch.float32),
         f"tinygpt Muon, auto ({auto})": lambda ps: Muon(ps, lr=0.02),
     }
-    print(f"{'optimizer':<28} {'median ms/step':>15} {'min ms/step':>12}")
+    print(f"{'optimizer':<30} {'median ms/step':>15} {'min ms/step':>12}")
     for name, make in rows.items():
         times = time_steps(make, params, args.warmup, args.repeat)
-        print(f"{name:<28} {statistics.median(times):>15.2f} {min(times):>12.2f}")
+        print(f"{name:<30} {statistics.median(times):>15.2f} {min(times):>12.2f}")
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def random_grads(step):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_muon_float32_steps_equal_a_per_matrix_reference(weight_decay):
     params = muon_params()
-    opt = Muon(params, lr=0.02, weight_decay=weight_decay, ns_dtype=torch.float32)
+    opt = Muon(params, lr=0.02, weight_decay=weight_decay, ns_dtype=torch.float32, gram=False)
     ref = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
     for step in range(3):
@@ -168,6 +168,91 @@ def test_muon_float32_steps_equal_a_per_matrix_reference(weight_decay):
         for p, r, buf in zip(params, ref, bufs):
             torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=0)
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf, atol=1e-6, rtol=0)
+
+
+def ill_conditioned(n_stack, m, n, smallest, dtype=torch.float64, seed=0):
+    """(n_stack, m, n) matrices with singular values spread from 1 down to ``smallest``."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n_stack, m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n_stack, n, m, generator=g, dtype=torch.float64))
+    return ((U * torch.logspace(0, math.log10(smallest), m, dtype=torch.float64)) @ V.mT).to(dtype)
+
+
+def relative_error(x, exact):
+    return ((x.double() - exact).norm() / exact.norm()).item()
+
+
+@pytest.mark.parametrize("kind, value", [("smallest", 1e-1), ("smallest", 1e-4), ("smallest", 1e-7),
+                                         ("rank", 1), ("rank", 4)])
+def test_gram_order_computes_the_same_iterations(kind, value):
+    """``newton_schulz_gram`` multiplies in another order, so it must land on the direct order's
+    result up to rounding; the yardstick is the direct order in float64. In float64 the two
+    agree to 1e-10. In float32 the Gram matrix squares the condition number, so the Gram order
+    drifts further than the direct one: measured up to 7e-4 of the update's size (direct:
+    1e-5) for singular values spread down to 1e-7, against 1e-2 to 1.6 for the direct order in
+    bfloat16 (what torch.optim.Muon uses). Bounds: 2e-3 of the update, and under a twentieth of
+    bfloat16's error. A wrong product is off by the update's own size."""
+    if kind == "smallest":
+        G = ill_conditioned(4, 32, 128, value)
+    else:  # exactly low rank, like a gradient from a few tokens
+        g = torch.Generator().manual_seed(value)
+        G = (torch.randn(4, 32, value, generator=g, dtype=torch.float64)
+             @ torch.randn(4, value, 128, generator=g, dtype=torch.float64))
+    exact = newton_schulz(G, dtype=torch.float64)
+    torch.testing.assert_close(newton_schulz(G, dtype=torch.float64, gram=True), exact,
+                               atol=1e-10, rtol=0)
+    gram32 = relative_error(newton_schulz(G.float(), gram=True), exact)
+    bf16 = relative_error(newton_schulz(G, dtype=torch.bfloat16), exact)
+    assert gram32 < 2e-3
+    assert gram32 < bf16 / 20
+
+
+def test_gram_order_with_no_steps_returns_the_normalised_input():
+    G = torch.randn(2, 8, 32)
+    torch.testing.assert_close(newton_schulz(G, steps=0, gram=True), newton_schulz(G, steps=0))
+
+
+def test_muon_takes_the_gram_order_for_wide_float32_stacks_only(monkeypatch):
+    """Wide (n >= 2m) stacks in float32 take the Gram order; square ones, bfloat16, and
+    ``gram=False`` the direct one; ``gram=True`` forces it everywhere."""
+    seen = []
+
+    def spy(G, steps, coefficients, eps, dtype, gram):
+        seen.append((tuple(G.shape[1:]), dtype, gram))
+        return newton_schulz(G, steps, coefficients, eps, dtype, gram)
+
+    monkeypatch.setattr(optim, "newton_schulz", spy)
+    for ns_dtype, gram in ((torch.float32, None), (torch.bfloat16, None), (torch.float32, False),
+                           (torch.float32, True)):
+        params = muon_params()
+        for p, g in zip(params, random_grads(0)):
+            p.grad = g
+        Muon(params, ns_dtype=ns_dtype, gram=gram).step()
+    assert sorted(seen[0:3]) == [((16, 16), torch.float32, False), ((16, 48), torch.float32, True),
+                                 ((16, 64), torch.float32, True)]
+    assert {s[2] for s in seen[3:6]} == {False}
+    assert {s[2] for s in seen[6:9]} == {False}
+    assert {s[2] for s in seen[9:12]} == {True}
+
+
+def test_muon_float32_default_stays_near_the_per_matrix_reference():
+    """The default float32 step (the Gram order on wide stacks) against the plain per-matrix
+    definition: the orthogonalised updates differ by rounding only (above: under 2e-3 of their
+    size, entries of ~0.2 here), and each step moves a matrix by lr (0.02) times that, so after
+    three steps every entry is within 3e-5 of the reference."""
+    params = muon_params()
+    opt = Muon(params, lr=0.02, ns_dtype=torch.float32)
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for step in range(3):
+        grads = random_grads(step)
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for i, g in enumerate(grads):
+            ref[i], bufs[i] = reference_muon_step(ref[i], g, bufs[i], 0.02)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, atol=3e-5, rtol=0)
 
 
 def test_muon_stacks_matrices_of_one_shape_into_one_newton_schulz_call(monkeypatch):
@@ -231,9 +316,9 @@ def test_muon_iterates_in_bf16_only_where_native(monkeypatch, forced, expected):
     monkeypatch.setenv("TINYGPT_NATIVE_BF16", forced)
     seen = []
 
-    def spy(G, steps, coefficients, eps, dtype):
+    def spy(G, steps, coefficients, eps, dtype, gram):
         seen.append(dtype)
-        return newton_schulz(G, steps, coefficients, eps, dtype)
+        return newton_schulz(G, steps, coefficients, eps, dtype, gram)
 
     monkeypatch.setattr(optim, "newton_schulz", spy)
     auto = muon_params()
@@ -286,6 +371,7 @@ def test_a_run_saved_with_torch_muon_resumes_with_the_same_momentum():
     new = build_optimizer(new_model, "muon", muon_ns_dtype=torch.float32)
     new.load_state_dict(saved)
     muon = new.optimizers["muon"]
+    muon.gram = False  # the reference multiplies in the direct order
     new_matrices = muon.param_groups[0]["params"]
     for p, q in zip(new_matrices, matrices):
         assert torch.equal(muon.state[p]["momentum_buffer"],

@@ -153,6 +153,7 @@ def newton_schulz(
     coefficients: tuple[float, float, float] = MUON_COEFFICIENTS,
     eps: float = MUON_EPS,
     dtype: torch.dtype = torch.float32,
+    gram: bool = False,
 ) -> torch.Tensor:
     """Approximately orthogonalise a stack of matrices: (N, m, n) with m <= n -> (N, m, n) in dtype.
 
@@ -163,15 +164,55 @@ def newton_schulz(
     that p does not converge to 1 but wobbles around it, leaving singular values in roughly
     [0.7, 1.2]. That does not hurt training, and it is what torch.optim.Muon computes too.
     Working on the short side (m <= n) keeps the Gram matrix X X^T small: (m, m).
+
+    ``gram=True`` computes the same iterations in another order (``newton_schulz_gram``), with
+    fewer products when n is well above m.
     """
     a, b, c = coefficients
     X = G.to(dtype)
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius <= 1
+    if gram:
+        return newton_schulz_gram(X, steps, coefficients)
     for _ in range(steps):
         A = X @ X.mT                                  # (N, m, m) Gram matrix
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)   # b A + c A^2
         X = torch.baddbmm(X, B, X, beta=a)            # a X + (b A + c A^2) X
     return X
+
+
+def newton_schulz_gram(
+    X: torch.Tensor, steps: int, coefficients: tuple[float, float, float]
+) -> torch.Tensor:
+    """``newton_schulz``'s steps on an already normalised (N, m, n) stack, done on the (m, m) side.
+
+    Every step multiplies X on the left by a polynomial in X X^T, so after k steps X_k = Q_k X_0,
+    where Q_k is a polynomial in S = X_0 X_0^T: symmetric, and it commutes with S. Then
+    X_k X_k^T = Q_k S Q_k, and a step becomes Q <- a Q + (b A + c A^2) Q with A = Q S Q -- only
+    (m, m) products. The wide X_0 is multiplied twice (S at the start, Q_5 X_0 at the end)
+    instead of twice per step: for a (128, 512) matrix 105 MFLOP instead of 189. The price is
+    rounding: S squares X's condition number, so in float32 the result differs from the direct
+    order's by up to ~1e-4 (the direct order: ~1e-6), still far closer than bfloat16's ~1e-2.
+    """
+    if steps == 0:
+        return X
+    a, b, c = coefficients
+    S = X @ X.mT                                      # (N, m, m)
+    Q = torch.baddbmm(S, S, S, beta=b, alpha=c)       # step 1 from Q_0 = I: b S + c S^2 ...
+    Q.diagonal(dim1=-2, dim2=-1).add_(a)              # ... + a I
+    for _ in range(steps - 1):
+        A = Q @ S @ Q                                 # X_k X_k^T
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)   # b A + c A^2
+        Q = torch.baddbmm(Q, B, Q, beta=a)            # a Q + (b A + c A^2) Q
+    return Q @ X                                      # (N, m, n)
+
+
+def use_gram(shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether ``newton_schulz_gram`` should orthogonalise (..., m, n) stacks in ``dtype``: where it
+    needs fewer products (n >= 2m: 4 m^2 n + 34 m^3 FLOPs against 20 m^2 n + 10 m^3) and its
+    rounding stays small (float32 or wider; in bfloat16 the squared condition number would cost
+    too many digits)."""
+    m, n = shape[-2], shape[-1]
+    return n >= 2 * m and dtype in (torch.float32, torch.float64)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -195,7 +236,9 @@ class Muon(torch.optim.Optimizer):
     ``ns_dtype`` is the precision of the Newton-Schulz iterations: None (the default) uses
     bfloat16 where the parameters' device multiplies it in hardware (``native_bf16``) and float32
     everywhere else -- on a CPU without AMX or AVX512-BF16, bf16 products are emulated and many
-    times slower. The state is the same as ``torch.optim.Muon``'s (``momentum_buffer`` per
+    times slower. ``gram`` picks the order of the iterations' products: None (the default) takes
+    ``newton_schulz_gram`` where ``use_gram`` says it is cheaper and precise enough, True or False
+    force it on or off. The state is the same as ``torch.optim.Muon``'s (``momentum_buffer`` per
     parameter, the same group settings), so the state of a run saved with either loads into the
     other.
     """
@@ -211,6 +254,7 @@ class Muon(torch.optim.Optimizer):
         eps: float = MUON_EPS,
         ns_steps: int = MUON_NS_STEPS,
         ns_dtype: torch.dtype | None = None,
+        gram: bool | None = None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Muon learning rate must be >= 0, got {lr}")
@@ -228,6 +272,7 @@ class Muon(torch.optim.Optimizer):
         # A choice for this machine, not part of the run: it is not saved with the state, so a
         # run resumed on another kind of CPU decides afresh.
         self.ns_dtype = ns_dtype
+        self.gram = gram
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -288,14 +333,17 @@ class Muon(torch.optim.Optimizer):
             update = update.mT if tall else update                  # (m, n), m <= n
             key = (tuple(update.shape), p.device, p.dtype)
             stacks.setdefault(key, []).append((p, update))
-        for (_, device, _), items in stacks.items():
+        for (shape, device, _), items in stacks.items():
+            dtype = self.iteration_dtype(device)
+            gram = use_gram(shape, dtype) if self.gram is None else self.gram
             ortho = newton_schulz(
                 torch.stack([u for _, u in items]), group["ns_steps"], group["ns_coefficients"],
-                group["eps"], self.iteration_dtype(device),
+                group["eps"], dtype, gram,
             )                                                       # (N, m, n)
             for (p, _), step in zip(items, ortho):
                 step = step.mT if p.shape[0] > p.shape[1] else step  # back to p's shape
-                p.mul_(1 - lr * wd)                                  # decoupled weight decay
+                if wd:
+                    p.mul_(1 - lr * wd)                              # decoupled weight decay
                 p.add_(step.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape))
 
 
