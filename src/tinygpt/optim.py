@@ -5,7 +5,8 @@
 whose updates it orthogonalises, and AdamW for everything Muon is not meant for: embeddings, the
 output head, biases and norm gains. Both live behind one object with the optimizer methods the
 training loop uses. Muon's Newton-Schulz iterations run in bfloat16 only where the device
-multiplies bf16 natively (``tinygpt.device.native_bf16``), in float32 everywhere else.
+multiplies bf16 natively (``tinygpt.device.native_bf16``), in float32 everywhere else -- and
+there, for wide matrices, in the Gram order, which needs fewer products.
 
 Schedules return a *factor* in [0, 1] that multiplies each parameter group's own peak learning
 rate, so Muon and AdamW groups with different peaks follow the same curve. ``batch_size_at`` is
