@@ -329,6 +329,8 @@ def test_an_explicit_precision_overrides_the_device(monkeypatch):
     assert opt.optimizers["muon"].iteration_dtype(torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="ns_dtype"):
         Muon(muon_params(), ns_dtype=torch.float16)
+    with pytest.raises(ValueError, match="gram"):
+        Muon(muon_params(), gram="yes")
 
 
 def train_steps(model, opt, steps, seed):

@@ -266,6 +266,8 @@ class Muon(torch.optim.Optimizer):
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"Muon ns_dtype must be None, torch.float32 or torch.bfloat16, "
                              f"got {ns_dtype}")
+        if gram not in (None, True, False):
+            raise ValueError(f"Muon gram must be None (decide per stack), True or False, got {gram!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                         adjust_lr_fn="original")
