@@ -231,3 +231,28 @@ def test_the_environment_of_one_process_is_a_world_of_one():
 
     assert os.environ.get("WORLD_SIZE") is None and env_from_torchrun() == SINGLE
     assert SINGLE.share(32) == slice(0, 32)
+
+
+# A worker of a torchrun job leaves through tinygpt.distributed.leave: without the interpreter's
+# shutdown (where a gloo thread kept alive by DDP can abort the process), but with its output.
+_LEAVING = """
+import atexit, sys
+atexit.register(print, "interpreter shutdown ran")
+sys.argv = ["tinygpt", *sys.argv[1:]]
+from tinygpt.cli import main
+print("before", end="")  # no newline: still in the buffer of a piped stdout
+raise SystemExit(main())
+"""
+
+
+@pytest.mark.parametrize("world", [None, "2"])
+def test_a_torchrun_worker_leaves_without_the_interpreter_shutdown_but_with_its_output(
+        tmp_path, world):
+    e = env(**({"WORLD_SIZE": world} if world else {}))
+    e.pop("PYTHONUNBUFFERED", None)  # a piped stdout is then block-buffered
+    proc = subprocess.run([sys.executable, "-c", _LEAVING, "sample", str(tmp_path / "no-run")],
+                          env=e, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tinygpt sample: error:") and "no-run" in proc.stderr
+    shutdown_ran = "interpreter shutdown ran" in proc.stdout
+    assert proc.stdout.startswith("before") and shutdown_ran == (world is None)

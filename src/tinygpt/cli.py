@@ -680,7 +680,17 @@ COMMANDS.update(ladder=cmd_ladder, plot=cmd_plot, attention=cmd_attention, lesso
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    code = _main(sys.argv[1:] if argv is None else list(argv))
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        # A worker of a torchrun job leaves without the interpreter's shutdown, which can abort
+        # it after a finished run (see tinygpt.distributed.leave).
+        from tinygpt.distributed import leave
+
+        leave(code)
+    return code
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["launch"] and not set(argv[1:2]) & {"-h", "--help"}:
         try:
             return launch(argv[1:])

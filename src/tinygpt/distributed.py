@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -132,6 +134,25 @@ def restart_count() -> int:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a torchrun worker process with exit status ``code``, skipping the interpreter's shutdown.
+
+    Why not a normal exit: a ``DistributedDataParallel`` model keeps its gloo process group alive
+    after ``destroy_process_group`` (torch 2.13), and with it the group's worker threads. When one
+    of them releases a finished collective's tensors while the interpreter is shutting down, it
+    needs the interpreter lock, which a shutting-down Python no longer hands out: the thread exits
+    inside a C++ destructor and the whole process aborts ("terminate called without an active
+    exception", exit -6), after the run had finished and saved. Measured on two cores: 2 of 84
+    two-process test jobs, and 8 of 40 jobs of a script whose last act is an all-reduce (0 of 40
+    leaving here). By the time a worker leaves, everything it writes is written (checkpoints are
+    fsynced and renamed as they are saved), so only the output buffers need flushing.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to flush
+            stream.flush()
+    os._exit(code)
 
 
 def barrier(env: DistEnv) -> None:
