@@ -233,6 +233,46 @@ def test_the_environment_of_one_process_is_a_world_of_one():
     assert SINGLE.share(32) == slice(0, 32)
 
 
+_TEARDOWN = """
+import os, torch
+from torch.nn.parallel import DistributedDataParallel
+from tinygpt import distributed
+
+def gloo_threads():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read().strip())
+        except OSError:  # a thread that just ended
+            pass
+    return names.count("pt_gloo_runloop")
+
+env, _ = distributed.setup("cpu")
+model = DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.randn(2, 4)).sum().backward()
+before = gloo_threads()
+del model  # as train() drops its wrapper when it returns
+distributed.shutdown()
+print(f"rank {env.rank}: {before} -> {gloo_threads()}")
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_shutdown_ends_the_groups_threads_after_ddp(tmp_path):
+    """Once the DDP wrapper is gone, ``shutdown`` ends gloo's worker threads: importing
+    torch._dynamo only after the group exists (as DDP does) would keep the group alive."""
+    script = tmp_path / "teardown.py"
+    script.write_text(_TEARDOWN, encoding="utf-8")
+    proc = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", "2", str(script)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    counts = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert [c.split(":")[0] for c in counts] == ["rank 0", "rank 1"]
+    for line in counts:
+        before, after = map(int, line.split(": ")[1].split(" -> "))
+        assert before > 0 and after == 0, line
+
+
 # A worker of a torchrun job leaves through tinygpt.distributed.leave: without the interpreter's
 # shutdown (where a gloo thread kept alive by DDP can abort the process), but with its output.
 _LEAVING = """

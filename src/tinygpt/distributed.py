@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
 import os
 import sys
 from collections.abc import Iterator
@@ -99,6 +100,10 @@ def setup(device_name: str) -> tuple[DistEnv, str]:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, (cores or 1) // env.local_world_size))
     if not dist.is_initialized():
+        # Imported before the group exists: imported afterwards (as DistributedDataParallel
+        # does), torch._dynamo keeps the group and its threads alive past shutdown (see leave).
+        importlib.import_module("torch._dynamo")
+
         timeout = datetime.timedelta(minutes=10)
         dist.init_process_group(
             backend="nccl" if device_name.startswith("cuda") else "gloo",
@@ -139,15 +144,18 @@ def shutdown() -> None:
 def leave(code: int) -> NoReturn:
     """End a torchrun worker process with exit status ``code``, skipping the interpreter's shutdown.
 
-    Why not a normal exit: a ``DistributedDataParallel`` model keeps its gloo process group alive
-    after ``destroy_process_group`` (torch 2.13), and with it the group's worker threads. When one
-    of them releases a finished collective's tensors while the interpreter is shutting down, it
-    needs the interpreter lock, which a shutting-down Python no longer hands out: the thread exits
-    inside a C++ destructor and the whole process aborts ("terminate called without an active
-    exception", exit -6), after the run had finished and saved. Measured on two cores: 2 of 84
-    two-process test jobs, and 8 of 40 jobs of a script whose last act is an all-reduce (0 of 40
-    leaving here). By the time a worker leaves, everything it writes is written (checkpoints are
-    fsynced and renamed as they are saved), so only the output buffers need flushing.
+    Why not a normal exit: gloo's worker threads can outlive ``shutdown`` (torch 2.13). The group
+    stays alive, and the threads with it, while anything still holds it: a
+    ``DistributedDataParallel`` wrapper not yet freed (an exception's traceback keeps the training
+    frames, and so the wrapper, alive), or torch._dynamo imported only after the group was made
+    (``setup`` imports it first). A thread that releases a finished collective's tensors while
+    the interpreter shuts down needs the interpreter lock, which a shutting-down Python no longer
+    hands out: the thread exits inside a C++ destructor and the process aborts ("terminate
+    called without an active exception", exit -6) after the run has finished and saved. Measured
+    on two cores: 2 of 84 two-process test jobs, and 8 of 40 jobs of a script whose last act is
+    an all-reduce (0 of 40 leaving here). By the time a worker leaves, everything it writes is
+    written (checkpoints are fsynced and renamed as they are saved), so only the output buffers
+    need flushing.
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to flush
