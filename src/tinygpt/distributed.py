@@ -151,11 +151,10 @@ def leave(code: int) -> NoReturn:
     (``setup`` imports it first). A thread that releases a finished collective's tensors while
     the interpreter shuts down needs the interpreter lock, which a shutting-down Python no longer
     hands out: the thread exits inside a C++ destructor and the process aborts ("terminate
-    called without an active exception", exit -6) after the run has finished and saved. Measured
-    on two cores: 2 of 84 two-process test jobs, and 8 of 40 jobs of a script whose last act is
-    an all-reduce (0 of 40 leaving here). By the time a worker leaves, everything it writes is
-    written (checkpoints are fsynced and renamed as they are saved), so only the output buffers
-    need flushing.
+    called without an active exception", exit -6) after the run has finished and saved (how
+    often: docs/distributed.md). By the time a worker leaves, everything it writes is written
+    (checkpoints are fsynced and renamed as they are saved), so only the output buffers need
+    flushing.
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to flush
