@@ -144,15 +144,17 @@ def shutdown() -> None:
 def leave(code: int) -> NoReturn:
     """End a torchrun worker process with exit status ``code``, skipping the interpreter's shutdown.
 
-    Why not a normal exit: gloo's worker threads can outlive ``shutdown`` (torch 2.13). The group
-    stays alive, and the threads with it, while anything still holds it: a
-    ``DistributedDataParallel`` wrapper not yet freed (an exception's traceback keeps the training
-    frames, and so the wrapper, alive), or torch._dynamo imported only after the group was made
-    (``setup`` imports it first). A thread that releases a finished collective's tensors while
-    the interpreter shuts down needs the interpreter lock, which a shutting-down Python no longer
-    hands out: the thread exits inside a C++ destructor and the process aborts ("terminate
-    called without an active exception", exit -6) after the run has finished and saved (how
-    often: docs/distributed.md). By the time a worker leaves, everything it writes is written
+    The worker's process group is still alive: the CLI does not end it first (``shutdown``).
+    Why: gloo's worker threads live as long as the group, and the group lives while anything holds
+    it: a ``DistributedDataParallel`` wrapper not yet freed (an exception's traceback keeps the
+    training frames, and so the wrapper, alive), or torch._dynamo imported only after the group
+    was made (``setup`` imports it first). A gloo thread that releases a finished collective's
+    tensors needs the interpreter lock (torch 2.13). If the group ends in the main thread at
+    that moment (freeing the last holder), the main thread waits for the gloo thread while holding
+    the lock: the worker hangs until torchrun kills it. If Python shuts down at that moment,
+    the thread exits inside a C++ destructor and the process aborts ("terminate called without
+    an active exception", exit -6). Both happen after the run has finished and saved (how often:
+    docs/distributed.md). By the time a worker leaves, everything it writes is written
     (checkpoints are fsynced and renamed as they are saved), so only the output buffers need
     flushing.
     """
