@@ -13,7 +13,7 @@ import torch
 assert torch.cuda.is_available(), "no CUDA GPU here"
 print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
-python -m pytest -q -m cuda tests/test_cuda.py
+python -m pytest -q -m cuda -n 0 tests/test_cuda.py  # one process: the tests take the GPUs in turn
 start=$(date +%s)
 python -m tinygpt train --preset lecture --dtype bfloat16 --compile --max-steps 5000 \
   --eval-interval 1000 --device cuda --out "$out" --overwrite --sample-chars 200

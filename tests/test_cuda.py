@@ -1,7 +1,8 @@
 """The CUDA path: bf16 autocast, torch.compile, exact resume, the KV cache, NCCL data parallelism.
 
-Marked ``cuda`` (left out of the default run): ``python -m pytest -m cuda`` on a machine with a
-GPU, or ``benchmarks/gpu_check.sh``. Every test needs a GPU; the NCCL test needs two.
+Marked ``cuda`` (left out of the default run): ``python -m pytest -m cuda -n 0`` on a machine
+with a GPU (one process: the tests take the GPUs in turn), or ``benchmarks/gpu_check.sh``. Every
+test needs a GPU; the NCCL test needs two.
 """
 
 from __future__ import annotations
