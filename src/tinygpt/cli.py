@@ -207,12 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tinygpt import distributed
     from tinygpt.train import train
 
-    try:
-        cfg, ckpt = _train_config(args)
-        result = train(cfg, resume=ckpt)
-    finally:
-        if not _torchrun_worker():  # a worker keeps its group until it leaves (see main)
-            distributed.shutdown()
+    cfg, ckpt = _train_config(args)
+    result = train(cfg, resume=ckpt)  # a torchrun worker keeps its process group (see main)
     if not distributed.env_from_torchrun().is_main:
         return 0  # rank 0 reports for a torchrun job
     print(
@@ -682,7 +678,7 @@ COMMANDS.update(ladder=cmd_ladder, plot=cmd_plot, attention=cmd_attention, lesso
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(sys.argv[1:] if argv is None else list(argv))
-    if _torchrun_worker():
+    if os.environ.get("WORLD_SIZE", "1") != "1":
         # A worker of a torchrun job leaves with its process group, and without the interpreter's
         # shutdown: ending either while gloo's threads finish a collective can hang or abort it
         # after a finished run (see tinygpt.distributed.leave).
@@ -690,10 +686,6 @@ def main(argv: list[str] | None = None) -> int:
 
         leave(code)
     return code
-
-
-def _torchrun_worker() -> bool:
-    return os.environ.get("WORLD_SIZE", "1") != "1"
 
 
 def _main(argv: list[str]) -> int:
