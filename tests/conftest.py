@@ -37,8 +37,9 @@ def worker_threads() -> str | None:
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not workers:
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return str(max(1, cpus // int(workers)))
+    from tinygpt.device import usable_cpus
+
+    return str(max(1, usable_cpus() // int(workers)))
 
 
 @contextlib.contextmanager

@@ -80,3 +80,16 @@ def test_cpu_and_auto_pick_a_device_here():
     if not torch.cuda.is_available():
         with pytest.raises(TinyGPTError, match="CUDA is not available"):
             pick_device("cuda:0")
+
+
+def test_usable_cpus_follows_the_affinity_and_falls_back_to_the_count(monkeypatch):
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})
+        assert dev.usable_cpus() == 3
+        monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 7)
+    assert dev.usable_cpus() == 7
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # the count is unknown
+    assert dev.usable_cpus() == 1

@@ -31,6 +31,13 @@ def check_device_name(name: str) -> str:
     return str(name)
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity where the OS tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tinygpt.device import usable_cpus
 from tinygpt.errors import TinyGPTError
 
 
@@ -97,8 +98,7 @@ def setup(device_name: str) -> tuple[DistEnv, str]:
         device_name = "cpu"
     if device_name == "cpu":
         # torchrun leaves one thread per process; this rank's share of the cores is better.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores or 1) // env.local_world_size))
+        torch.set_num_threads(max(1, usable_cpus() // env.local_world_size))
     if not dist.is_initialized():
         # Imported before the group exists: imported afterwards (as DistributedDataParallel
         # does), torch._dynamo keeps the group and its threads alive past shutdown (see leave).
