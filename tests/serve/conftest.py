@@ -93,7 +93,7 @@ class ServerThread:
 
     @property
     def scheduler(self):
-        return self.app.state.scheduler
+        return self.app.state.tinygpt.scheduler
 
     def __enter__(self) -> ServerThread:
         self.thread.start()

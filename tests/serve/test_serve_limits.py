@@ -123,7 +123,7 @@ def test_api_key_required_everywhere_but_health(make_server):
 def test_key_check_uses_compare_digest(monkeypatch, make_server):
     import hmac
 
-    from tinygpt.serve import app as app_module
+    from tinygpt.serve import guard as app_module
 
     calls = []
     real = hmac.compare_digest

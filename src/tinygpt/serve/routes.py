@@ -1,0 +1,124 @@
+"""The API's routes; each reads the app's ``AppState`` (model, tokenizer, limits, scheduler).
+
+::
+
+    GET  /health                liveness (never needs the API key)
+    GET  /v1/models             the one model served, with tinygpt details under "tinygpt"
+    GET  /v1/models/{id}
+    POST /v1/completions        OpenAI Completions API (+ top_k, logprobs); streams server-sent events
+    POST /v1/tinygpt/attention  the attention weights of every layer and head for a text
+
+A route checks the request (``protocol``), hands the model's work to the scheduler's worker
+and waits for it (``stream``); it never runs the model on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from tinygpt.models.attention_maps import attention_maps
+from tinygpt.serve.errors import refused, server_error
+from tinygpt.serve.guard import json_body
+from tinygpt.serve.protocol import (
+    ApiError,
+    AttentionQuery,
+    check_attention,
+    check_completion,
+    quoted,
+)
+from tinygpt.serve.scheduler import QueueFull, SchedulerClosed
+from tinygpt.serve.state import AppState, app_state
+from tinygpt.serve.stream import Delivery, next_item
+
+router = APIRouter()
+State = Annotated[AppState, Depends(app_state)]
+
+
+@router.get("/health")
+async def health(state: State) -> JSONResponse:
+    scheduler = state.scheduler
+    if scheduler.alive:
+        return JSONResponse({"status": "ok"})
+    error = scheduler.failure or SchedulerClosed("the server is shutting down")
+    return JSONResponse({"status": "error", **server_error(error).body()}, 503)
+
+
+@router.get("/v1/models")
+async def list_models(state: State) -> dict:
+    return {"object": "list", "data": [state.model_card()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, state: State) -> dict:
+    if model_id != state.info.id:
+        raise ApiError(404, f"the model {quoted(model_id)} does not exist", "model",
+                       "model_not_found")
+    return state.model_card()
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, state: State) -> Response:
+    obj = await json_body(request, state.limits.max_body_bytes)
+    if obj is None:  # the client left while sending
+        return Response(status_code=400)
+    spec = check_completion(obj, state.info.id, state.tokenizer, state.limits)
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+        job = state.scheduler.submit(spec.prompt_ids, spec.n, spec.params, state.limits.timeout,
+                                     state.mailbox.sink(queue))
+    except (QueueFull, SchedulerClosed) as e:
+        raise refused(e, state.limits) from None
+    meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
+            "created": int(time.time()), "model": state.info.id}
+    delivery = Delivery(job, spec, queue, meta, state.scheduler)
+    if spec.stream:
+        return StreamingResponse(
+            delivery.events(), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await delivery.response(request)
+
+
+@router.post("/v1/tinygpt/attention")
+async def attention(request: Request, state: State) -> Response:
+    obj = await json_body(request, state.limits.max_body_bytes)
+    if obj is None:  # the client left while sending
+        return Response(status_code=400)
+    model, config = state.engine.model, state.engine.model.config
+    query = check_attention(obj, state.info.id, state.tokenizer, getattr(config, "n_layer", 0),
+                            getattr(config, "n_head", 0), state.info.block_size)
+    idx = torch.tensor(query.ids, dtype=torch.long, device=state.engine.device)  # (T,)
+    queue: asyncio.Queue = asyncio.Queue()
+    try:  # the model runs in the worker thread only, between two decode steps
+        state.scheduler.call(lambda: attention_maps(model, idx).cpu(), state.mailbox.sink(queue))
+    except (QueueFull, SchedulerClosed) as e:
+        raise refused(e, state.limits) from None
+    maps = await next_item(queue, state.scheduler)
+    if isinstance(maps, BaseException):
+        raise server_error(maps)
+    causal = getattr(config, "causal", True)
+    return JSONResponse(await asyncio.to_thread(attention_body, maps, query, state.info.id,
+                                                causal))
+
+
+def attention_body(maps: torch.Tensor, query: AttentionQuery, model_id: str,
+                   causal: bool) -> dict:
+    """The answer of the attention route from the maps (n_layer, n_head, T, T).
+
+    ``weights[i][j][q]`` is the row of query position ``q`` in layer ``layers[i]``, head
+    ``heads[j]``: how much that character attends to each character, rounded to 4 decimals.
+    A causal model's row ``q`` stops at ``q`` (the later weights are all 0), which halves it.
+    """
+    picked = maps[query.layers][:, query.heads].double().round(decimals=4)  # (l, h, T, T)
+    weights = [[[row[: q + 1] if causal else row for q, row in enumerate(head)]
+                for head in layer] for layer in picked.tolist()]
+    return {"object": "tinygpt.attention", "model": model_id, "text": query.text,
+            "tokens": query.tokens, "causal": causal, "layers": query.layers,
+            "heads": query.heads, "weights": weights}
