@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from tests.serve.conftest import wait_for
 
 OK = {"model": "tiny", "prompt": "To be", "max_tokens": 4}
 MISSING = object()
@@ -197,3 +200,37 @@ def test_accepted_edge_values(http):
                                            "prompt": "a" * 4096})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 1024
+
+
+def test_bad_requests_do_not_disturb_a_running_stream(make_server, engines, checkpoint):
+    """While one client's seeded stream is decoding, others send every bad request above (and
+    a few bad at the HTTP level); each gets its 4xx and the stream gets the text it gets alone."""
+    gate = threading.Event()
+    gate.set()
+    s = make_server(engine=engines["gated"](checkpoint.model, gate))
+    seeded = {**OK, "prompt": "The quick", "max_tokens": 40, "seed": 7, "top_k": 20}
+    headers = {"Content-Type": "application/json"}
+
+    def stream_text(client: httpx.Client) -> str:
+        with client.stream("POST", "/v1/completions", json={**seeded, "stream": True}) as r:
+            return "".join(json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                           for line in r.iter_lines() if line.startswith("data: {"))
+
+    with httpx.Client(base_url=s.url, timeout=30) as http, ThreadPoolExecutor(1) as pool:
+        alone = stream_text(http)
+        gate.clear()  # the next decode step waits
+        try:
+            streamed = pool.submit(stream_text, http)
+            wait_for(lambda: s.scheduler.stats()["active_sequences"] == 1)
+            with httpx.Client(base_url=s.url, timeout=30) as other:
+                got = [other.post("/v1/completions", content=content, headers=headers).status_code
+                       for _, content, _, _ in CASES]
+                got.append(other.get("/health", headers={"Host": "evil.example"}).status_code)
+                got.append(other.post("/v1/completions", content=b"{}").status_code)
+                got.append(other.post("/v1/tinygpt/attention", content=b"[", headers=headers)
+                           .status_code)
+            assert got == [c[2] for c in CASES] + [400, 415, 400]
+            assert s.scheduler.stats()["active_sequences"] == 1  # still decoding meanwhile
+        finally:
+            gate.set()
+        assert streamed.result() == alone

@@ -94,3 +94,17 @@ def test_echo_with_logprobs_scores_the_prompt_tokens(server, bpe_checkpoint):
     lp = choice["logprobs"]
     assert lp["text_offset"] == [0, 1, 1, 1, 2] and len(lp["tokens"]) == 5
     assert lp["token_logprobs"][0] is None
+
+
+@pytest.mark.parametrize("route, field", [("/v1/completions", "prompt"),
+                                          ("/v1/tinygpt/attention", "text")])
+def test_a_lone_surrogate_is_a_400_not_a_tokenizer_crash(server, route, field):
+    """Byte-level BPE knows every character, but ``"\\ud800"`` is not one: the tokenizer would
+    raise on it, so the body is refused before."""
+    body = b'{"model": "tiny", "%s": "x\\ud800"}' % field.encode()
+    r = httpx.post(server.url + route, content=body, headers={"Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
+    assert "\\ud800" in r.json()["error"]["message"]
+    assert complete(server, prompt="x", max_tokens=1)["choices"][0]["text"] == "\ufffd"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 from collections.abc import Iterable
 from contextlib import suppress
 
@@ -137,9 +138,32 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_text(body: bytes, obj: dict) -> None:
+    """Refuse a JSON object holding a string that is not Unicode text.
+
+    UTF-8 cannot spell a lone surrogate, but a JSON escape can (``"\\ud800"``); such a string
+    would fail later in a tokenizer or in the UTF-8 of the answer, so it is a 400 here.
+    """
+    if b"\\u" not in body:  # the only way to write a surrogate in a UTF-8 body
+        return
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode("ascii")
+        raise ApiError(400, f"the request body is not valid JSON text: it holds the unpaired "
+                       f"surrogate {bad[:20]} (a string must be Unicode text)",
+                       code="invalid_json") from None
+    except (RecursionError, ValueError):
+        raise ApiError(400, "the request body is not valid JSON: it is nested too deeply",
+                       code="invalid_json") from None
+
+
 async def json_body(request: Request, limit: int) -> dict | None:
     """The request's JSON object (``ApiError`` if it is not one); None if the client left."""
     try:
-        return parse_json(await read_body(request, limit))
+        body = await read_body(request, limit)
     except ClientDisconnect:
         return None
+    obj = parse_json(body)
+    check_text(body, obj)
+    return obj
