@@ -13,6 +13,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 from collections.abc import Iterable
 from contextlib import suppress
 
@@ -25,6 +26,7 @@ from tinygpt.serve.protocol import ApiError, parse_json
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 MAX_LENGTH_DIGITS = 18  # a longer Content-Length is larger than any limit (and than int64)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800 to \udfff in a JSON string
 
 
 def host_name(host: str) -> str:
@@ -144,7 +146,7 @@ def check_text(body: bytes, obj: dict) -> None:
     UTF-8 cannot spell a lone surrogate, but a JSON escape can (``"\\ud800"``); such a string
     would fail later in a tokenizer or in the UTF-8 of the answer, so it is a 400 here.
     """
-    if b"\\u" not in body:  # the only way to write a surrogate in a UTF-8 body
+    if not SURROGATE_ESCAPE.search(body):  # the only way to write one in a UTF-8 body
         return
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
