@@ -14,7 +14,7 @@ import torch
 from tinygpt.checkpoint import find_checkpoint, load_checkpoint, read_state
 from tinygpt.config import TrainConfig
 from tinygpt.data import load_corpus
-from tinygpt.engine import generate_text, stream
+from tinygpt.sequence import generate_text, stream
 from tinygpt.errors import TinyGPTError
 from tinygpt.evaluate import count_chars, evaluate_tokens
 from tinygpt.generate import SamplingConfig

@@ -7,7 +7,8 @@ import torch
 
 from tinygpt import cli
 from tinygpt.checkpoint import save_checkpoint
-from tinygpt.engine import Engine, KVCache, TextStream, generate_text, stream
+from tinygpt.engine import Engine, KVCache
+from tinygpt.sequence import TextStream, generate_text, stream
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import GPT, BigramConfig, BigramLM, GPTConfig
 from tinygpt.tokenizer import CharTokenizer

@@ -272,7 +272,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from tinygpt.checkpoint import load_checkpoint
     from tinygpt.device import pick_device
-    from tinygpt.engine import TextStream, stream
+    from tinygpt.sequence import TextStream, stream
     from tinygpt.generate import SamplingConfig
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
