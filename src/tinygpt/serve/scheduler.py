@@ -306,7 +306,10 @@ class Scheduler:
                 self._start(job)
             except Exception as e:  # noqa: BLE001 - reported to the client
                 self._fail(job, e)
-        self._active = self._step(self._active)
+        active = self._step(self._active)
+        with self._cv:
+            self._active = active
+            self._active_count = len(active)
 
     def _admit(self) -> tuple[list, list[Job], list[Job], float]:
         """Take the waiting calls, and the waiting requests that fit in the batch."""
