@@ -53,7 +53,7 @@ def test_logprobs_entries_follow_the_characters():
     logp = torch.log_softmax(logits, dim=-1)
     assert entry.token == "c" and entry.logprob == pytest.approx(float(logp[2]))
     assert entry.top == {"b": pytest.approx(float(logp[1])), "c": pytest.approx(float(logp[2]))}
-    assert s.entries_within(0) == 0 and s.entries_within(1) == 1
+    assert s.entry_count(0) == 0 and s.entry_count(1) == 1
     assert s.add(3) == "d" and len(s.entries) == 1  # no logits given: no entry
 
 

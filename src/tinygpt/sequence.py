@@ -164,7 +164,7 @@ class Sample:
             self.engine.release(self.state)
             self.state = None
 
-    def entries_within(self, n_chars: int) -> int:
+    def entry_count(self, n_chars: int) -> int:
         """How many entries lie wholly within the first ``n_chars`` characters of the text."""
         return bisect.bisect_right(self._entry_ends, n_chars)
 

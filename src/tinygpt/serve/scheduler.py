@@ -117,7 +117,7 @@ class Choice:
             first = self.sent_entries
             # (an event with no text is not sent: the pieces of a character wait for it)
             if text or self.finish_reason:
-                self.sent_entries = self.sample.entries_within(self.sent + len(text))
+                self.sent_entries = self.sample.entry_count(self.sent + len(text))
             entries = self.entries[first : self.sent_entries]
         self.sent += len(text)
         return Event(self.index, text, self.finish_reason, entries)
