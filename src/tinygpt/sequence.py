@@ -26,6 +26,7 @@ from tinygpt.engine import Engine, SeqState
 from tinygpt.generate import generate_tokens, make_generator, sample_next
 from tinygpt.logprobs import TokenLogprob, score, token_texts
 from tinygpt.sampling import GenerationConfig, Rule, SamplingConfig, SettingError
+from tinygpt.tokenizer import Tokenizer
 
 __all__ = ["GenerationConfig", "Piece", "Sample", "SamplingConfig", "TextStream",
            "generate_text", "stream"]
@@ -93,7 +94,7 @@ class Sample:
     tokenizer when not given).
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], config: GenerationConfig,
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], config: GenerationConfig,
                  index: int = 0, device: str | torch.device = "cpu",
                  token_texts: Sequence[str] | None = None) -> None:
         self.tokenizer = tokenizer
@@ -189,7 +190,7 @@ class Piece(NamedTuple):
 
 def stream(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
     sampling: SamplingConfig | None = None,
@@ -209,7 +210,8 @@ def stream(
     piece whose ``finish`` is set. The prompt is not repeated in the output.
 
     ``use_cache=False`` runs the reference loop (``generate_tokens``) instead, one sample after
-    another: the same texts, slower.
+    another: the same texts, slower. The settings follow their rules in ``tinygpt.sampling``
+    (top-k at most the tokenizer's vocabulary); a bad one raises ``SettingError``.
     """
     config = _config(max_new_tokens, sampling, seed, stop, tokenizer.vocab_size)
     Rule(int, 1).check("num_samples", num_samples)
@@ -272,7 +274,7 @@ def _stream_reference(engine: Engine, samples: list[Sample]) -> Iterator[Piece]:
 
 
 def generate_text(
-    model: nn.Module, tokenizer, prompt: str, max_new_tokens: int,
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int,
     sampling: SamplingConfig | None = None, **kwargs,
 ) -> list[str]:
     """The ``num_samples`` texts that ``stream`` produces (without the prompt), in order."""
