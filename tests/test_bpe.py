@@ -14,12 +14,12 @@ import torch
 from tinygpt.checkpoint import find_checkpoint, load_checkpoint, read_state
 from tinygpt.config import TrainConfig
 from tinygpt.data import load_corpus
-from tinygpt.engine import generate_text, stream
 from tinygpt.errors import TinyGPTError
 from tinygpt.evaluate import count_chars, evaluate_tokens
 from tinygpt.generate import SamplingConfig
 from tinygpt.models.bigram import BigramConfig, BigramLM
 from tinygpt.runs import settings_for_init_from
+from tinygpt.sequence import generate_text, stream
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
 from .resume_helpers import main_in_process, train_in_process

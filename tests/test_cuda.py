@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tinygpt.checkpoint import load_checkpoint
-from tinygpt.engine import generate_text
 from tinygpt.generate import SamplingConfig
+from tinygpt.sequence import generate_text
 
 from .resume_helpers import env, flags, losses, main_in_process, tiny_settings, weights_digest
 

@@ -7,9 +7,10 @@ import torch
 
 from tinygpt import cli
 from tinygpt.checkpoint import save_checkpoint
-from tinygpt.engine import Engine, KVCache, TextStream, generate_text, stream
+from tinygpt.engine import Engine, KVCache
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import GPT, BigramConfig, BigramLM, GPTConfig
+from tinygpt.sequence import TextStream, generate_text, stream
 from tinygpt.tokenizer import CharTokenizer
 
 BS = 8  # block size of the test models: every test crosses it

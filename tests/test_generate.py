@@ -111,7 +111,9 @@ def test_top_p_sampling_never_leaves_the_nucleus():
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": float("nan")}, "temperature"),
-        ({"top_k": 0}, "top_k"),
+        ({"temperature": 2.01}, "temperature must be between 0 and 2"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
     ],

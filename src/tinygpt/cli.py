@@ -272,8 +272,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from tinygpt.checkpoint import load_checkpoint
     from tinygpt.device import pick_device
-    from tinygpt.engine import TextStream, stream
     from tinygpt.generate import SamplingConfig
+    from tinygpt.sequence import TextStream, stream
 
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     if args.num_chars < 0:

@@ -2,47 +2,23 @@
 
 The model only ever answers "what comes next?" as a distribution (logits over the vocabulary).
 Generating text is a loop: feed the context, turn the last position's logits into probabilities,
-draw a token, append it, repeat. Temperature, top-k and top-p reshape the distribution first.
+draw a token, append it, repeat. Temperature, top-k and top-p reshape the distribution first
+(the settings and their ranges: ``tinygpt.sampling``; a sequence being sampled, with its text
+and stop strings: ``tinygpt.sequence``).
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from tinygpt.sampling import SamplingConfig
 
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0  # 0 means greedy: always the most likely token
-    top_k: int | None = None  # keep only the k most likely tokens
-    top_p: float | None = None  # keep the smallest set of tokens whose probability reaches p
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {t!r}")
-        k = self.top_k
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"top_k must be an integer >= 1, got {k!r}")
-        p = self.top_p
-        if p is not None and (
-            isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1
-        ):
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when sampling is the same as taking the most likely token.
-
-        That is temperature 0, and also a temperature too small for float32 (below its smallest
-        normal number, ~1.2e-38): dividing by it would turn every logit gap into infinity.
-        """
-        return self.temperature < torch.finfo(torch.float32).tiny
+__all__ = ["SamplingConfig", "default_window_shift", "filter_logits", "generate_tokens",
+           "make_generator", "sample_next", "slide_window", "visible_controls"]
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -159,9 +135,11 @@ def generate_tokens(
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` modulo 2**64 (torch's seed range; the
+    same draws as ``manual_seed(seed)`` for every seed torch takes), or randomly when None."""
     g = torch.Generator(device=device)
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        g.manual_seed(seed % 2**64)
     return g

@@ -1,20 +1,73 @@
-"""Limits and security defaults: bounded queue, time limit, Host header, API key, batching."""
+"""Limits and security defaults: bounded queue, time limit, Host header, API key, batching.
+
+The tests count steps and watch the scheduler's state instead of measuring seconds: ``Stepper``
+runs a decode step only when the test allows it, ``ClockedEngine`` moves a fake clock on by one
+second per step.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from tests.serve.conftest import wait_for
 
+from tinygpt.engine import Engine
 from tinygpt.serve.options import ServeLimits
 
 REQ = {"model": "tiny", "prompt": "To be", "max_tokens": 4}
+
+
+class Stepper(Engine):
+    """Each decode step waits for a permit from the test (``allow``); records the batch sizes.
+    ``calls > len(batch_sizes)`` means the worker is waiting inside a step."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.cv = threading.Condition()
+        self.budget = 0
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def allow(self, n: int = 10**9) -> None:
+        with self.cv:
+            self.budget += n
+            self.cv.notify_all()
+
+    def hold(self) -> None:
+        with self.cv:
+            self.budget = 0
+
+    def waiting(self) -> bool:
+        with self.cv:
+            return self.calls > len(self.batch_sizes)
+
+    def step(self, states):
+        with self.cv:
+            self.calls += 1
+            assert self.cv.wait_for(lambda: self.budget > 0, timeout=20)
+            self.budget -= 1
+            self.batch_sizes.append(len(states))
+        return super().step(states)
+
+
+class ClockedEngine(Engine):
+    """Every decode step moves ``now`` on by one second: the scheduler's clock in a test."""
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def step(self, states):
+        self.now += 1
+        return super().step(states)
 
 
 def test_queue_full_gives_429_with_retry_after(make_server, engines, checkpoint):
@@ -32,10 +85,11 @@ def test_queue_full_gives_429_with_retry_after(make_server, engines, checkpoint)
             assert r.json()["error"]["type"] == "rate_limit_error"
             assert r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["Retry-After"]) >= 1
-            # the event loop is not blocked by the stuck decode step
-            t0 = time.monotonic()
+            # the event loop is not blocked by the stuck decode step: the server answers while
+            # the step still waits at the gate
             assert http.get("/health").json() == {"status": "ok"}
-            assert time.monotonic() - t0 < 2
+            assert s.scheduler.stats() == {"active_sequences": 1, "queued_requests": 1,
+                                           "steps": 0, "tokens": 0}
         finally:
             gate.set()
         assert first.result().status_code == 200
@@ -43,26 +97,27 @@ def test_queue_full_gives_429_with_retry_after(make_server, engines, checkpoint)
         assert http.post("/v1/completions", json=REQ).status_code == 200
 
 
-def test_time_limit_cuts_the_output(make_server, engines, checkpoint):
-    s = make_server(engine=engines["slow"](checkpoint.model, delay=0.02),
-                    limits=ServeLimits(timeout=0.5))
+def test_time_limit_cuts_the_output(make_server, checkpoint):
+    engine = ClockedEngine(checkpoint.model)
+    s = make_server(engine=engine, limits=ServeLimits(timeout=5.0))
+    s.scheduler.clock = engine.clock  # one second per decode step
     with httpx.Client(base_url=s.url, timeout=30) as http:
-        t0 = time.monotonic()
         r = http.post("/v1/completions", json={**REQ, "max_tokens": 1000})
-        elapsed = time.monotonic() - t0
         assert r.status_code == 200
         out = r.json()
         assert out["choices"][0]["finish_reason"] == "length"
-        assert 1 <= out["usage"]["completion_tokens"] < 100
-        assert len(out["choices"][0]["text"]) == out["usage"]["completion_tokens"]
-        assert elapsed < 3
+        assert out["usage"]["completion_tokens"] == 5  # five steps in five seconds
+        assert len(out["choices"][0]["text"]) == 5
+        assert s.scheduler.stats()["steps"] == 5
 
         with http.stream("POST", "/v1/completions",
                          json={**REQ, "max_tokens": 1000, "stream": True}) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
-        last = json.loads(events[-2].removeprefix("data: "))
-        assert last["choices"][0]["finish_reason"] == "length"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len("".join(c["choices"][0]["text"] for c in chunks)) == 5
+        assert s.scheduler.stats()["steps"] == 10
 
 
 @pytest.mark.parametrize("host, ok", [
@@ -151,36 +206,42 @@ def test_page_security_headers(server):
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js
 
 
-def test_continuous_batching(make_server, engines, checkpoint):
+def test_continuous_batching(make_server, checkpoint):
     """A request that arrives later joins the running batch and leaves it when done."""
-    engine = engines["slow"](checkpoint.model, delay=0.01)
+    engine = Stepper(checkpoint.model)
     s = make_server(engine=engine)
     with httpx.Client(base_url=s.url, timeout=30) as http, ThreadPoolExecutor(2) as pool:
         long = pool.submit(http.post, "/v1/completions", json={**REQ, "max_tokens": 120})
-        wait_for(lambda: len(engine.batch_sizes) >= 10)
-        short = http.post("/v1/completions", json={**REQ, "max_tokens": 10})
-        after_short = len(engine.batch_sizes)
-        assert short.status_code == 200
+        engine.allow(10)
+        wait_for(lambda: len(engine.batch_sizes) == 10 and engine.waiting())  # in step 11
+        short = pool.submit(http.post, "/v1/completions", json={**REQ, "max_tokens": 10})
+        wait_for(lambda: s.scheduler.stats()["queued_requests"] == 1)
+        engine.allow()
+        assert short.result().status_code == 200
         assert long.result().status_code == 200
-    sizes = engine.batch_sizes
-    assert sizes[:10] == [1] * 10  # alone at first
-    assert sizes.count(2) >= 10  # then decoded together with the short request
-    assert sizes[after_short + 1:] and set(sizes[after_short + 1:]) == {1}  # alone again
-    assert len(sizes) < 120 + 10 + 5  # shared steps: fewer steps than tokens
+    # alone for 11 steps, together for the short request's 10, then alone again
+    assert engine.batch_sizes == [1] * 11 + [2] * 10 + [1] * 99
+    assert s.scheduler.stats()["tokens"] == 130
 
 
-def test_seeded_text_does_not_depend_on_the_batch(make_server, engines, checkpoint):
-    engine = engines["slow"](checkpoint.model, delay=0.002)
+def test_seeded_text_does_not_depend_on_the_batch(make_server, checkpoint):
+    engine = Stepper(checkpoint.model)
     s = make_server(engine=engine)
     seeded = {**REQ, "prompt": "The quick", "max_tokens": 40, "seed": 99, "top_k": 20}
     with httpx.Client(base_url=s.url, timeout=30) as http, ThreadPoolExecutor(6) as pool:
+        engine.allow()
         alone = http.post("/v1/completions", json=seeded).json()["choices"][0]["text"]
+        engine.hold()
+        first = pool.submit(http.post, "/v1/completions", json={**REQ, "max_tokens": 60})
+        wait_for(engine.waiting)  # the first noise request is in a step
         noise = [pool.submit(http.post, "/v1/completions", json={**REQ, "max_tokens": 60})
-                 for _ in range(4)]
+                 for _ in range(3)]
         crowded = pool.submit(http.post, "/v1/completions", json=seeded)
+        wait_for(lambda: s.scheduler.stats()["queued_requests"] == 4)
+        engine.allow()  # the next step admits all four into the first one's batch
         assert crowded.result().json()["choices"][0]["text"] == alone
-        assert all(f.result().status_code == 200 for f in noise)
-    assert max(engine.batch_sizes) > 1
+        assert all(f.result().status_code == 200 for f in [first, *noise])
+    assert max(engine.batch_sizes) == 5
 
 
 def test_client_disconnect_frees_the_batch(make_server, engines, checkpoint):

@@ -1,5 +1,9 @@
 """The OpenAI Completions request: parsing, type checks (pydantic) and range checks.
 
+The sampling settings are checked by their one definition (``tinygpt.sampling``), so a request
+means what the same settings mean to the library and ``tinygpt sample``; this module adds the
+server's own limits (``ServeLimits``) and the OpenAI error shape.
+
 Every problem becomes an ``ApiError`` carrying an HTTP status and the OpenAI error shape
 ``{"error": {"message", "type", "param", "code"}}``. Types are strict: ``"5"`` is not an integer
 and ``true`` is not a number. JSON's non-standard ``NaN`` and ``Infinity`` are refused.
@@ -8,19 +12,14 @@ and ``true`` is not a number. JSON's non-standard ``NaN`` and ``Infinity`` are r
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tinygpt.generate import SamplingConfig
-from tinygpt.serve.logprobs import MAX_LOGPROBS
+from tinygpt.sampling import GenerationConfig, Rule, SamplingConfig, SettingError
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.scheduler import GenerationParams
 from tinygpt.tokenizer import Tokenizer
-
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_TEMPERATURE = 2.0
 
 
 class ApiError(Exception):
@@ -193,17 +192,17 @@ class Completion:
     logprobs: int | None
 
 
-def _number(req: CompletionRequest, name: str) -> float | None:
-    value = getattr(req, name)
-    if value is not None and not math.isfinite(value):
-        raise invalid(f"'{name}' must be a finite number, got {value}", name)
-    return value
+def _setting_error(e: SettingError) -> ApiError:
+    """A setting outside its rule (``tinygpt.sampling``), as a 400 naming the parameter."""
+    return invalid(str(e.named(f"'{e.name}'")), e.name)
 
 
-def _int_range(value: int, name: str, low: int, high: int, note: str = "") -> int:
-    if not low <= value <= high:
-        shown = value if abs(value) < 10**15 else f"{str(value)[:6]}... ({len(str(value))} digits)"
-        raise invalid(f"'{name}' must be between {low} and {high}{note}, got {shown}", name)
+def _int_range(value: int, name: str, low: int, high: int) -> int:
+    """``value`` if it lies in [low, high] (a limit of this server), else a 400."""
+    try:
+        Rule(int, low, high).check(name, value)
+    except SettingError as e:
+        raise _setting_error(e) from None
     return value
 
 
@@ -223,10 +222,30 @@ def check_completion(
 ) -> Completion:
     """Validate a parsed request body; raises ``ApiError``."""
     req = check_types(obj)
-    if req.model != model_id:
-        raise ApiError(404, f"the model {quoted(req.model)} does not exist; this server has "
+    _check_model(req.model, model_id)
+    prompts = _prompts(req, limits)
+    max_tokens = limits.default_max_tokens if req.max_tokens is None else req.max_tokens
+    _int_range(max_tokens, "max_tokens", 1, limits.max_tokens)
+    n = _choices(req, limits, len(prompts))
+    config = _generation_config(req, max_tokens, tokenizer, limits)
+    if req.stream_options is not None and not req.stream:
+        raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    _unsupported(req, n)
+    prompt_ids = [encode(p, tokenizer, "prompt") for p in prompts]
+    params = GenerationParams(config, bool(req.echo) and req.logprobs is not None)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return Completion(prompts, prompt_ids, n, params, bool(req.stream), include_usage,
+                      bool(req.echo), req.logprobs)
+
+
+def _check_model(name: str, model_id: str) -> None:
+    if name != model_id:
+        raise ApiError(404, f"the model {quoted(name)} does not exist; this server has "
                        f"'{model_id}'", "model", "model_not_found")
 
+
+def _prompts(req: CompletionRequest, limits: ServeLimits) -> list[str]:
+    """The request's prompts: at least one, none empty or longer than the server allows."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not prompts:
         raise invalid("'prompt' must not be an empty array", "prompt")
@@ -237,56 +256,42 @@ def check_completion(
         if len(p) > limits.max_prompt_chars:
             raise invalid(f"the prompt has {len(p)} characters; this server accepts at most "
                           f"{limits.max_prompt_chars}", "prompt", "prompt_too_long")
+    return prompts
 
-    max_tokens = limits.default_max_tokens if req.max_tokens is None else req.max_tokens
-    _int_range(max_tokens, "max_tokens", 1, limits.max_tokens)
+
+def _choices(req: CompletionRequest, limits: ServeLimits, n_prompts: int) -> int:
+    """``n``, the choices per prompt; all of them together within the server's ``max_n``."""
     n = 1 if req.n is None else _int_range(req.n, "n", 1, limits.max_n)
-    if n * len(prompts) > limits.max_n:
-        raise invalid(f"n ({n}) times the number of prompts ({len(prompts)}) is "
-                      f"{n * len(prompts)}; this server allows at most {limits.max_n}", "n")
+    if n * n_prompts > limits.max_n:
+        raise invalid(f"n ({n}) times the number of prompts ({n_prompts}) is "
+                      f"{n * n_prompts}; this server allows at most {limits.max_n}", "n")
+    return n
 
-    temperature = _number(req, "temperature")
-    temperature = 1.0 if temperature is None else temperature
-    if not 0 <= temperature <= MAX_TEMPERATURE:
-        raise invalid(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g}, got "
-                      f"{temperature:g}", "temperature")
-    top_p = _number(req, "top_p")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise invalid(f"'top_p' must be greater than 0 and at most 1, got {top_p:g}", "top_p")
-    top_k = req.top_k
-    if top_k is not None:
-        _int_range(top_k, "top_k", 0, tokenizer.vocab_size, " (0 turns it off)")
-    seed = None if req.seed is None else _int_range(req.seed, "seed", INT64_MIN, INT64_MAX)
-    if req.logprobs is not None:
-        _int_range(req.logprobs, "logprobs", 0, MAX_LOGPROBS)
 
+def _stops(req: CompletionRequest, limits: ServeLimits) -> list[str]:
+    """The stop strings, within the server's limits on their number and length."""
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > limits.max_stop:
         raise invalid(f"'stop' has {len(stops)} strings; this server allows at most "
                       f"{limits.max_stop}", "stop")
     for s in stops:
-        if not s:
-            raise invalid("a stop string must not be empty", "stop")
         if len(s) > limits.max_stop_chars:
             raise invalid(f"a stop string has {len(s)} characters; this server allows at most "
                           f"{limits.max_stop_chars}", "stop")
+    return stops
 
-    if req.stream_options is not None and not req.stream:
-        raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    _unsupported(req, n)
 
-    prompt_ids = [encode(p, tokenizer, "prompt") for p in prompts]
-
-    sampling = SamplingConfig(
-        temperature=temperature,
-        top_k=top_k or None,
-        top_p=top_p if top_p is not None and top_p < 1 else None,
-    )
-    params = GenerationParams(max_tokens, sampling, tuple(dict.fromkeys(stops)), seed,
-                              req.logprobs, bool(req.echo) and req.logprobs is not None)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return Completion(prompts, prompt_ids, n, params, bool(req.stream), include_usage,
-                      bool(req.echo), req.logprobs)
+def _generation_config(req: CompletionRequest, max_tokens: int, tokenizer: Tokenizer,
+                       limits: ServeLimits) -> GenerationConfig:
+    """The sampling settings, checked by their one definition (``tinygpt.sampling``)."""
+    try:
+        temperature = 1.0 if req.temperature is None else req.temperature
+        sampling = SamplingConfig(temperature, req.top_k, req.top_p)
+        sampling.check_vocab(tokenizer.vocab_size)
+        return GenerationConfig(max_tokens, sampling, req.seed, tuple(_stops(req, limits)),
+                                req.logprobs)
+    except SettingError as e:
+        raise _setting_error(e) from None
 
 
 def _unsupported(req: CompletionRequest, n: int) -> None:
