@@ -75,7 +75,8 @@ class ServeOptions:
     ``shared`` (the flag is declared once for every command, in ``tinygpt.cli.common``).
     """
 
-    run_dir: str = _option("", "the run to serve", positional=True, metavar="RUN_DIR")
+    run_dir: str = field(metadata={"help": "the run to serve", "positional": True,
+                                   "metavar": "RUN_DIR"})
     host: str = _option("127.0.0.1", "address to listen on")
     port: int = _option(8000, "port; 0 picks a free one")
     api_key: str | None = _option(
