@@ -76,7 +76,7 @@ def run(name: str, settings: dict, data: str, eval_every_steps: int, tmp: Path, 
     rows = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     tok_s = last["tokens"] / last["elapsed_s"]
-    fpt = flops_per_token(result.model, cfg.block_size)
+    fpt = flops_per_token(result.model, cfg.model.block_size)
     return {
         "name": name, "settings": cfg.to_dict(), "params": sum(p.numel() for p in result.model.parameters()),
         "curve": [{k: r[k] for k in ("step", "elapsed_s", "val_loss")} for r in rows],
@@ -157,13 +157,13 @@ def _estimate_steps(cfg: TrainConfig, data: str, budget: float) -> int:
     from tinygpt.runs import configure_optimizer
 
     corpus = load_corpus(data)
-    model = build_model(cfg.model, cfg.model_config(corpus.tokenizer.vocab_size))
+    model = build_model(cfg.kind, cfg.model_config(corpus.tokenizer.vocab_size))
     opt = configure_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
-    amp = autocast_dtype(cfg.dtype, torch.device("cpu"))
+    amp = autocast_dtype(cfg.run.dtype, torch.device("cpu"))
     times = []
     for _ in range(8):
-        x, y = corpus.get_batch("train", cfg.batch_size, cfg.block_size, gen)
+        x, y = corpus.get_batch("train", cfg.data.batch_size, cfg.model.block_size, gen)
         t = time.perf_counter()
         with torch.autocast("cpu", amp, enabled=amp is not None):
             _, loss = model(x, y)
@@ -172,7 +172,7 @@ def _estimate_steps(cfg: TrainConfig, data: str, budget: float) -> int:
         opt.step()
         times.append(time.perf_counter() - t)
     per_step = sorted(times)[len(times) // 2]
-    if cfg.compile:  # not compiled here (that would warm the compile cache); a rough guess
+    if cfg.run.compile:  # not compiled here (that would warm the compile cache); a rough guess
         per_step /= 1.6
     return max(int(budget / per_step), 1)
 

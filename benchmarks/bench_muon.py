@@ -41,7 +41,7 @@ def modern_matrices(preset: str) -> list[torch.nn.Parameter]:
     """The block matrices Muon trains in ``preset``'s model, each with a random gradient."""
     cfg = TrainConfig.resolve({"preset": preset})
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.model_config(VOCAB))
+    model = build_model(cfg.kind, cfg.model_config(VOCAB))
     matrices = [p for _, p in split_parameters(model)["matrices"]]
     for p in matrices:
         p.grad = torch.randn_like(p)

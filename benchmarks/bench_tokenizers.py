@@ -42,11 +42,11 @@ def run(name: str, settings: dict, tmp: Path) -> dict:
     rows = [json.loads(x) for x in (tmp / name / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     tokenizer = result.tokenizer
-    corpus = load_corpus(cfg.data, cfg.encoding_errors, tokenizer=tokenizer)
+    corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, tokenizer=tokenizer)
     val = corpus.split("val")
-    ev = evaluate_tokens(result.model, val, cfg.block_size, 32, "cpu", tokenizer=tokenizer)
+    ev = evaluate_tokens(result.model, val, cfg.model.block_size, 32, "cpu", tokenizer=tokenizer)
     return {
-        "name": name, "tokenizer": cfg.tokenizer, "vocab_size": tokenizer.vocab_size,
+        "name": name, "tokenizer": cfg.data.tokenizer, "vocab_size": tokenizer.vocab_size,
         "params": sum(p.numel() for p in result.model.parameters()), "steps": result.step,
         "train_time_s": last["elapsed_s"], "tokens_per_s": last["tokens"] / last["elapsed_s"],
         "chars_per_token": ev["chars"] / ev["tokens"], "val_loss_per_token": ev["val_loss"],

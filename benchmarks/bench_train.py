@@ -51,7 +51,7 @@ def main() -> None:
         )
         print(
             f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}; model {cfg.model}, preset {cfg.preset}, "
+            f"torch {torch.__version__}; model {cfg.kind}, preset {cfg.preset}, "
             f"budget {args.budget}",
             file=sys.stderr,
         )
@@ -59,8 +59,8 @@ def main() -> None:
         rows = [
             json.loads(x) for x in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
         ]
-        corpus = load_corpus(cfg.data)
-        block = getattr(result.model.config, "block_size", cfg.block_size)
+        corpus = load_corpus(cfg.data.source)
+        block = getattr(result.model.config, "block_size", cfg.model.block_size)
         final = evaluate_tokens(result.model, corpus.split("val"), block, 64)
 
     print(f"{'time_s':>8} {'step':>7} {'train':>7} {'val':>7} {'tok/s':>9}")
@@ -79,7 +79,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    "model": cfg.model,
+                    "model": cfg.kind,
                     "preset": cfg.preset,
                     "budget": args.budget,
                     "steps": result.step,

@@ -18,7 +18,7 @@ from tinygpt.errors import TinyGPTError
 from tinygpt.evaluate import count_chars, evaluate_tokens
 from tinygpt.generate import SamplingConfig
 from tinygpt.models.bigram import BigramConfig, BigramLM
-from tinygpt.runs import settings_for_init_from
+from tinygpt.resolve import resolve_start
 from tinygpt.sequence import generate_text, stream
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
 
@@ -184,12 +184,13 @@ def test_init_from_keeps_the_tokenizer(text_file, tmp_path):
     run = tmp_path / "run"
     train_in_process(text_file, run, tokenizer="bpe", vocab_size=VOCAB, max_steps=2,
                      eval_interval=2)
-    out = settings_for_init_from({"init_from": str(run), "data": str(text_file)})
-    assert out["tokenizer"] == "bpe" and out["vocab_size"] == VOCAB
+    start = resolve_start({"init_from": str(run), "data": str(text_file)})
+    assert start.cfg.data.tokenizer == "bpe" and start.cfg.data.vocab_size == VOCAB
+    assert start.init is not None and start.init.tokenizer.vocab_size == VOCAB
     with pytest.raises(TinyGPTError, match="--tokenizer char does not match"):
-        settings_for_init_from({"init_from": str(run), "tokenizer": "char"})
+        resolve_start({"init_from": str(run), "tokenizer": "char"})
     with pytest.raises(TinyGPTError, match="--vocab-size 512 does not match"):
-        settings_for_init_from({"init_from": str(run), "vocab_size": 512})
+        resolve_start({"init_from": str(run), "vocab_size": 512})
     # fine-tuning on another text (with characters BPE never saw) encodes it with the same BPE
     other = tmp_path / "other.txt"
     other.write_text("Ünïcödé ♪ lyrics, la la lá\n" * 200, encoding="utf-8")
@@ -210,8 +211,8 @@ def test_tokenizer_settings_are_checked(settings, fragment):
 
 
 def test_bpe_default_vocabulary():
-    assert TrainConfig.resolve({"tokenizer": "bpe"}).bpe_vocab_size == 1024
-    assert TrainConfig.resolve({}).bpe_vocab_size is None
+    assert TrainConfig.resolve({"tokenizer": "bpe"}).data.bpe_vocab_size == 1024
+    assert TrainConfig.resolve({}).data.bpe_vocab_size is None
 
 
 def test_encoding_streams_in_chunks_and_batches(text_file, monkeypatch):

@@ -96,9 +96,12 @@ def test_toml_config_is_read_and_flags_win(small_text, tmp_path, cli):
     assert state["step"] == 3 and state["model_config"]["n_layer"] == 1
 
 
-def test_help_shows_defaults(cli):
-    out = cli("train", "--help", check=True).stdout
-    assert "default: 0.001" in out and "lecture=0.0003" in out
+def test_help_shows_the_true_defaults(cli):
+    """The default shown is the default preset's (modern), and the presets that differ."""
+    out = " ".join(cli("train", "--help", check=True, env={"COLUMNS": "10000"}).stdout.split())
+    assert "peak learning rate (AdamW) (default: 0.003; presets: cpu=0.001, lecture=0.0003" in out
+    assert "(default: rope; presets: cpu=learned" in out
+    assert "default: modern for --model gpt" in out and "BPE" in out
 
 
 def _bad_cases(tmp):

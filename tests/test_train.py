@@ -27,20 +27,21 @@ def test_parse_duration_rejects(text):
 
 def test_presets_and_overrides():
     cfg = TrainConfig.resolve({"preset": "lecture", "lr": 1e-3})
-    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.dropout) == (
+    m = cfg.model  # a GPTConfig
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (
         6,
         6,
         384,
         256,
         0.2,
     )
-    assert cfg.lr == 1e-3
+    assert cfg.optim.lr == 1e-3
     assert TrainConfig.resolve({"model": "bigram"}).preset == "bigram"
     assert TrainConfig.resolve({}).preset == "modern"  # the GPT's default recipe
     only_time = TrainConfig.resolve({"max_time": "30s"})
-    assert only_time.max_steps is None and only_time.max_time_s == 30
+    assert only_time.run.max_steps is None and only_time.run.max_time_s == 30
     both = TrainConfig.resolve({"max_time": "30s", "max_steps": 7})
-    assert both.max_steps == 7
+    assert both.run.max_steps == 7
 
 
 def tiny_cfg(data, out, **kw) -> TrainConfig:
@@ -107,7 +108,7 @@ def test_max_time_stops_on_time_and_decays_the_schedule(small_text, tmp_path):
     # makes single steps slow, never the count of steps wrong).
     assert 3.0 <= lines[-1]["elapsed_s"] < 3.0 + 10
     assert result.step > 10
-    assert lines[-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio, rel=0.05)
+    assert lines[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio, rel=0.05)
 
 
 def test_same_seed_same_run(small_text, tmp_path):
@@ -223,8 +224,9 @@ def test_a_smaller_batch_on_the_modern_preset_just_drops_the_warmup():
     from tinygpt.optim import batch_size_at
 
     cfg = TrainConfig.resolve({"preset": "modern", "batch_size": 8})
-    assert cfg.batch_start == 16
-    assert {batch_size_at(s, 8, cfg.batch_start, cfg.batch_warmup_steps) for s in range(300)} == {8}
+    d = cfg.data
+    assert d.batch_start == 16
+    assert {batch_size_at(s, 8, d.batch_start, d.batch_warmup_steps) for s in range(300)} == {8}
 
 
 def test_inductors_complex_warning_is_not_shown(small_text, tmp_path, monkeypatch, recwarn):

@@ -2,8 +2,8 @@
 
 - the run directory: created, locked against a second process, its settings in ``config.json``
   from the start, ``metrics.jsonl`` cut back to the checkpoint on resume;
-- ``--resume``: the newest complete checkpoint, the run's own settings, the same text; a run with
-  no checkpoint yet simply starts (as a job scheduler re-running the same command expects);
+- ``--resume``: the run's own settings and newest checkpoint (chosen in ``tinygpt.resolve``),
+  the same text, the run directory put back in order;
 - ``--init-from``: another run's weights with a new optimizer and schedule;
 - every random state (Python, numpy, torch, the batch generator), captured and restored;
 - signals: the first SIGINT/SIGTERM asks the loop to save and stop, a second aborts;
@@ -16,7 +16,6 @@ The loop itself lives in ``tinygpt.train`` and reads only ``Run`` and its own st
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -37,18 +36,14 @@ from tinygpt.checkpoint import (
     TrainingCheckpoint,
     Warn,
     atomic_write,
-    find_checkpoint,
     list_step_dirs,
     load_checkpoint,
-    load_training_checkpoint,
     point_link,
     prune_checkpoints,
-    read_state,
     step_dir_name,
     sweep_partials,
-    warn_stderr,
 )
-from tinygpt.config import TrainConfig
+from tinygpt.config import INIT_SOURCE, SETTINGS, TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
 from tinygpt.device import autocast_dtype, mps_available, pick_device
 from tinygpt.distributed import SINGLE, DistEnv
@@ -60,21 +55,6 @@ from tinygpt.tokenizer import CharTokenizer, tokenizer_from_dict
 
 RUN_CONFIG = "config.json"  # the run's settings, written when it starts
 
-# Settings that --resume may change: none of them changes what a step computes beyond rounding
-# (device and compile reorder float arithmetic; max_steps and max_time do re-stretch the cosine
-# schedule over the new length -- that is what extending means).
-RESUME_MAY_CHANGE = (
-    "max_steps", "max_time", "device", "compile", "eval_interval", "save_every", "sample_chars",
-    "keep", "grad_accum",
-)
-# With --init-from the model's shape comes from the source checkpoint (and must match if given);
-# dropout and causal default to the source's values but may be changed for fine-tuning.
-INIT_DEFAULT_KEYS = {"gpt": ("dropout", "attn_dropout", "causal"), "bigram": ()}
-INIT_SHAPE_KEYS = {
-    "gpt": tuple(f.name for f in fields(GPTConfig)
-                 if f.name != "vocab_size" and f.name not in INIT_DEFAULT_KEYS["gpt"]),
-    "bigram": (),
-}
 _GPT_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # for checkpoints older than a field
 
 
@@ -94,23 +74,19 @@ def saved_model_config(state: dict) -> dict:
 def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> CombinedOptimizer:
     """The optimizer ``cfg`` asks for (see ``tinygpt.optim``)."""
     return build_optimizer(
-        model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        betas=(cfg.beta1, cfg.beta2), muon_lr=cfg.muon_lr,
+        model, cfg.optim.optimizer, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), muon_lr=cfg.optim.muon_lr,
     )
 
 
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def data_record(cfg: TrainConfig, corpus: Corpus) -> dict:
-    spec = cfg.data
+    spec = cfg.data.source
     if not (spec in BUILTIN_DATASETS and not Path(spec).exists()):
         spec = str(Path(spec).expanduser().resolve())
     return {
         "spec": spec,
         "fingerprint": corpus.fingerprint,
-        "encoding_errors": cfg.encoding_errors,
+        "encoding_errors": cfg.data.encoding_errors,
         "num_tokens": len(corpus.tokens),
     }
 
@@ -259,88 +235,6 @@ def prepare_resume_dir(
 # ----------------------------------------------------------------------- resume and --init-from
 
 
-def prepare_resume(
-    run_dir: Path, given: dict | None = None, warn: Warn | None = None
-) -> tuple[TrainConfig, TrainingCheckpoint | None]:
-    """The configuration and checkpoint to continue the run in ``run_dir``.
-
-    The run's own saved configuration is used. ``given`` (flags and TOML settings) may change only
-    the settings in ``RESUME_MAY_CHANGE``; ``data`` may name the same text at a new place (its
-    fingerprint must match); any other setting must equal the saved one.
-
-    A run stopped before its first checkpoint has nothing to continue: it starts again from step 0
-    with its settings from ``config.json`` (or, if it never got that far, the ones given), and the
-    checkpoint returned is None.
-    """
-    warn = warn or warn_stderr
-    run_dir = Path(run_dir)
-    given = dict(given or {})
-    if given.pop("overwrite", False):
-        raise TinyGPTError("--overwrite and --resume contradict each other; pass one of them")
-    if given.pop("init_from", None):
-        raise TinyGPTError(
-            "--init-from starts a new run and --resume continues one; pass one of them"
-        )
-    out = given.pop("out", None)
-    if out is not None and Path(out).expanduser().resolve() != run_dir.resolve():
-        raise TinyGPTError(f"--out {out} is not the run being resumed ({run_dir}); leave --out out")
-    if not run_dir.is_dir():
-        raise TinyGPTError(
-            f"--resume {run_dir}: no such run directory; start the run with --out {run_dir}"
-        )
-    if not has_checkpoint(run_dir):
-        if distributed.env_from_torchrun().is_main:
-            warn(f"{run_dir} holds no checkpoint yet: starting the run from step 0")
-        saved = read_run_config(run_dir)
-        if saved is None:
-            return TrainConfig.resolve({**given, "out": str(run_dir), "overwrite": True}), None
-        cfg = _resumed_config(run_dir, saved, given, saved.get("data"))
-        return dataclasses.replace(cfg, overwrite=True), None
-    ckpt = load_training_checkpoint(run_dir, warn)
-    cfg = _resumed_config(run_dir, ckpt.state["train_config"], given, ckpt.state["data"]["spec"])
-    if cfg.max_steps is not None and cfg.max_steps < ckpt.step:
-        raise TinyGPTError(
-            f"--max-steps {cfg.max_steps} is below the step of the checkpoint ({ckpt.step}); "
-            f"give a larger --max-steps to train further"
-        )
-    return cfg, ckpt
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds any checkpoint (usable or not) to resume from."""
-    return bool(list_step_dirs(run_dir)) or (run_dir / "last").exists()
-
-
-def _resumed_config(run_dir: Path, saved: dict, given: dict, data_spec: str | None) -> TrainConfig:
-    """``saved`` settings, with the changes ``given`` may make on resume (and no others)."""
-    # A setting added since the run was saved had its default value in that run.
-    known = {f.name: f.default for f in fields(TrainConfig)}
-    saved = {**known, **saved}
-    given = dict(given)
-    data = given.pop("data", None)
-    allowed = ", ".join(_flag(k) for k in RESUME_MAY_CHANGE)
-    for key, value in given.items():
-        if key in RESUME_MAY_CHANGE:
-            continue
-        if key not in known:
-            raise TinyGPTError(f"unknown setting {key!r}")
-        if value != saved[key]:
-            raise TinyGPTError(
-                f"{_flag(key)} {value} differs from the run's {key} = {saved[key]!r}; --resume "
-                f"continues a run as it was configured (only {allowed} and --data for the same "
-                f"text may be given); to start a new run from its weights use --init-from {run_dir}"
-            )
-    merged = {**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}}
-    merged.update(out=str(run_dir), overwrite=False, init_from=saved.get("init_from"))
-    merged["data"] = data if data is not None else (data_spec or saved["data"])
-    try:
-        return TrainConfig(**merged)
-    except (TypeError, ValueError) as e:
-        raise TinyGPTError(
-            f"the settings saved in {run_dir} are not understood by this tinygpt: {e}"
-        ) from None
-
-
 def write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
     """Record the run's settings as it starts, before any checkpoint exists."""
     write_json(run_dir / RUN_CONFIG, cfg.to_dict())
@@ -355,60 +249,14 @@ def read_run_config(run_dir: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
-def settings_for_init_from(settings: dict, warn: Warn | None = None) -> dict:
-    """``settings`` with the model kind and shape taken from the ``init_from`` checkpoint.
-
-    A shape setting given explicitly must match the checkpoint's.
-    """
-    source = Path(settings["init_from"])
-    state = read_state(find_checkpoint(source, "best", warn))
-    kind, mc = state.get("model"), saved_model_config(state)
-    if settings.get("model", kind) != kind:
-        raise TinyGPTError(f"--model {settings['model']} does not match {source}, a {kind} model")
-    out = {**settings, "model": kind}
-    for key in INIT_SHAPE_KEYS.get(kind, ()):
-        value = mc.get(key, _GPT_DEFAULTS[key])
-        if key in settings and settings[key] != value:
-            raise TinyGPTError(
-                f"{_flag(key)} {settings[key]} does not match {source}, whose {key} is "
-                f"{value!r}; --init-from keeps the model's architecture"
-            )
-        out[key] = value
-    for key in INIT_DEFAULT_KEYS.get(kind, ()):
-        out.setdefault(key, mc.get(key, _GPT_DEFAULTS[key]))
-    out.update(_init_tokenizer_settings(settings, state, source))
-    return out
-
-
-def _init_tokenizer_settings(settings: dict, state: dict, source: Path) -> dict:
-    """--init-from keeps the source model's tokenizer: its kind (and BPE vocabulary) are the
-    run's, and flags that ask for another are refused."""
-    try:
-        tokenizer = tokenizer_from_dict(state.get("tokenizer"))
-    except TinyGPTError as e:
-        raise TinyGPTError(f"cannot read the tokenizer of {source}: {e}") from None
-    kind = tokenizer.kind
-    if settings.get("tokenizer", kind) != kind:
-        raise TinyGPTError(
-            f"--tokenizer {settings['tokenizer']} does not match {source}, whose tokenizer is "
-            f"{kind}; --init-from keeps the model's tokenizer"
-        )
-    vocab = tokenizer.vocab_size if kind == "bpe" else None
-    if settings.get("vocab_size") is not None and settings["vocab_size"] != vocab:
-        raise TinyGPTError(
-            f"--vocab-size {settings['vocab_size']} does not match {source}, whose tokenizer has "
-            f"{tokenizer.vocab_size} tokens; --init-from keeps the model's tokenizer"
-        )
-    return {"tokenizer": kind, "vocab_size": vocab}
-
-
 def corpus_for_vocab(cfg: TrainConfig, corpus: Corpus | None, init: Checkpoint) -> Corpus:
     """The corpus encoded with the vocabulary of the model being fine-tuned (``corpus``: the text
     with its own character vocabulary, to check that the model knows every character)."""
     if not isinstance(init.tokenizer, CharTokenizer):  # byte-level BPE encodes any text
-        return load_corpus(cfg.data, cfg.encoding_errors, tokenizer=init.tokenizer, glob=cfg.glob)
+        return load_corpus(cfg.data.source, cfg.data.encoding_errors, tokenizer=init.tokenizer,
+                           glob=cfg.data.glob)
     if corpus is None:
-        corpus = load_corpus(cfg.data, cfg.encoding_errors, glob=cfg.glob)
+        corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, glob=cfg.data.glob)
     if corpus.tokenizer == init.tokenizer:
         return corpus
     unknown = init.tokenizer.unknown_chars("".join(corpus.tokenizer.chars))
@@ -416,22 +264,28 @@ def corpus_for_vocab(cfg: TrainConfig, corpus: Corpus | None, init: Checkpoint) 
         shown = ", ".join(repr(c) for c in unknown[:10])
         more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
         raise TinyGPTError(
-            f"{cfg.data} has {len(unknown)} character(s) that the model in {cfg.init_from} does "
+            f"{cfg.data.source} has {len(unknown)} character(s) that the model in {cfg.run.init_from} does "
             f"not know ({shown}{more}); --init-from needs a text within the model's vocabulary"
         )
-    return load_corpus(cfg.data, cfg.encoding_errors, tokenizer=init.tokenizer)
+    return load_corpus(cfg.data.source, cfg.data.encoding_errors, tokenizer=init.tokenizer)
+
+
+def _init_shape_keys(kind: str) -> tuple[str, ...]:
+    """The model fields ``--init-from`` takes from the source (its ``init`` metadata)."""
+    return tuple(s.name for s in SETTINGS.values() if s.part == "model" and s.init == INIT_SOURCE
+                 and kind == "gpt")
 
 
 def init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: Checkpoint) -> None:
-    if init.model_kind != cfg.model:
+    if init.model_kind != cfg.kind:
         raise TinyGPTError(
-            f"--init-from {cfg.init_from} holds a {init.model_kind} model, not {cfg.model}"
+            f"--init-from {cfg.run.init_from} holds a {init.model_kind} model, not {cfg.kind}"
         )
     mc = saved_model_config(init.state)
-    for key in ("vocab_size", *INIT_SHAPE_KEYS.get(cfg.model, ())):
+    for key in ("vocab_size", *_init_shape_keys(cfg.kind)):
         if getattr(model_config, key) != mc.get(key, _GPT_DEFAULTS.get(key)):
             raise TinyGPTError(
-                f"the model of {cfg.init_from} has {key} = {mc.get(key)!r}, this run "
+                f"the model of {cfg.run.init_from} has {key} = {mc.get(key)!r}, this run "
                 f"{getattr(model_config, key)!r}; --init-from needs the same shape"
             )
     try:
@@ -439,23 +293,23 @@ def init_weights_from(model: nn.Module, cfg: TrainConfig, model_config, init: Ch
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise TinyGPTError(
-            f"the weights of {cfg.init_from} do not fit this model: {first}"
+            f"the weights of {cfg.run.init_from} do not fit this model: {first}"
         ) from None
 
 
 def resume_corpus(cfg: TrainConfig, ckpt: TrainingCheckpoint) -> Corpus:
     data = ckpt.state["data"]
-    corpus = load_corpus(cfg.data, cfg.encoding_errors)
+    corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors)
     if corpus.fingerprint != data.get("fingerprint"):
         raise TinyGPTError(
-            f"the text {cfg.data} is not the one the run was trained on (fingerprint "
+            f"the text {cfg.data.source} is not the one the run was trained on (fingerprint "
             f"{corpus.fingerprint[:12]}, the run's is {str(data.get('fingerprint'))[:12]}); "
             f"--resume needs the same text -- to train on this one start a new run with "
             f"--init-from {cfg.run_dir}"
         )
     tokenizer = tokenizer_from_dict(ckpt.state["tokenizer"])
     if corpus.tokenizer != tokenizer:  # a fine-tuned run keeps its source model's vocabulary
-        corpus = load_corpus(cfg.data, cfg.encoding_errors, tokenizer=tokenizer)
+        corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, tokenizer=tokenizer)
     return corpus
 
 
@@ -533,29 +387,30 @@ class Run:
 
 
 def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
-              log: Callable[[str], None] = print) -> Run:
-    """Data, model and optimizer for ``cfg``; from ``resume``'s checkpoint when continuing.
+              log: Callable[[str], None] = print, init: Checkpoint | None = None) -> Run:
+    """Data, model and optimizer for ``cfg``; from ``resume``'s checkpoint when continuing,
+    from the weights of ``init`` (the ``--init-from`` run, loaded here if not given) otherwise.
 
     Under torchrun the process joins the job first, and the model is wrapped for data-parallel
     training (``tinygpt.distributed``)."""
-    dist_env, device_name = distributed.setup(cfg.device)
+    dist_env, device_name = distributed.setup(cfg.run.device)
     device = pick_device(device_name)
     check_batch_split(cfg, dist_env)
-    init = None
     if resume is not None:
+        init = None
         corpus = resume_corpus(cfg, resume)
     else:
-        if cfg.init_from:
-            init = load_checkpoint(Path(cfg.init_from), "best", "cpu", warn)
+        if cfg.run.init_from:
+            init = init or load_checkpoint(Path(cfg.run.init_from), "best", "cpu", warn)
             corpus = corpus_for_vocab(cfg, None, init)
         else:
-            corpus = load_corpus(cfg.data, cfg.encoding_errors, glob=cfg.glob,
-                                 bpe_vocab_size=cfg.bpe_vocab_size)
-    corpus.check_block_size(cfg.block_size)
+            corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, glob=cfg.data.glob,
+                                 bpe_vocab_size=cfg.data.bpe_vocab_size)
+    corpus.check_block_size(cfg.model.block_size)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     model_config = cfg.model_config(_model_vocab_size(corpus, resume or init))
-    model = build_model(cfg.model, model_config)
+    model = build_model(cfg.kind, model_config)
     if init is not None:
         init_weights_from(model, cfg, model_config, init)
     if resume is not None:
@@ -568,7 +423,7 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise TinyGPTError(f"the optimizer state in {resume.path} does not fit: {e}") from None
     base_state = {
-        "model": cfg.model, "model_config": model_config.to_dict(),
+        "model": cfg.kind, "model_config": model_config.to_dict(),
         "tokenizer": corpus.tokenizer.to_dict(), "train_config": cfg.to_dict(),
         "data": data_record(cfg, corpus),
     }
@@ -581,23 +436,24 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
 
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     forward = ddp or model
-    forward = torch.compile(forward) if cfg.compile else forward
+    forward = torch.compile(forward) if cfg.run.compile else forward
     return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer,
-               autocast_dtype(cfg.dtype, device), _eval_batches(cfg, corpus, device), base_state,
+               autocast_dtype(cfg.run.dtype, device), _eval_batches(cfg, corpus, device), base_state,
                init, log, dist_env, ddp)
 
 
 def check_batch_split(cfg: TrainConfig, env: DistEnv) -> None:
     """Every batch must split evenly into ranks and micro-batches (one line if it does not)."""
-    parts = env.world_size * cfg.grad_accum
-    warmup = cfg.batch_start is not None and cfg.batch_warmup_steps and cfg.batch_start < cfg.batch_size
-    sizes = {cfg.batch_size} | ({cfg.batch_start} if warmup else set())
+    d = cfg.data
+    parts = env.world_size * d.grad_accum
+    warmup = d.batch_start is not None and d.batch_warmup_steps and d.batch_start < d.batch_size
+    sizes = {d.batch_size} | ({d.batch_start} if warmup else set())
     for size in sorted(sizes):
         if size % parts:
-            name = "--batch-size" if size == cfg.batch_size else "--batch-start"
+            name = "--batch-size" if size == d.batch_size else "--batch-start"
             raise TinyGPTError(
                 f"{name} {size} does not split into {env.world_size} process(es) x "
-                f"{cfg.grad_accum} micro-batch(es); give a multiple of {parts}"
+                f"{d.grad_accum} micro-batch(es); give a multiple of {parts}"
             )
 
 
@@ -614,7 +470,7 @@ def _load_resumed_weights(model: nn.Module, cfg: TrainConfig, model_config, resu
     # Filled in with today's defaults: a field added since the checkpoint was written does not
     # make it a different model.
     saved_model = (resume.state["model"], saved_model_config(resume.state))
-    if saved_model != (cfg.model, model_config.to_dict()):
+    if saved_model != (cfg.kind, model_config.to_dict()):
         raise TinyGPTError(
             f"the checkpoint {resume.path} holds a different model than its run's settings "
             f"describe; it cannot be resumed"
@@ -625,11 +481,12 @@ def _load_resumed_weights(model: nn.Module, cfg: TrainConfig, model_config, resu
 def _eval_batches(cfg: TrainConfig, corpus: Corpus, device: torch.device) -> dict:
     """Evaluation batches, drawn once from their own fixed seed: training draws never depend on
     evaluation, and a resumed run evaluates on the same batches."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.run.seed + 1)
+    B, T = cfg.data.batch_size, cfg.model.block_size
     return {
         split: [
-            tuple(t.to(device) for t in corpus.get_batch(split, cfg.batch_size, cfg.block_size, gen))
-            for _ in range(cfg.eval_iters)
+            tuple(t.to(device) for t in corpus.get_batch(split, B, T, gen))
+            for _ in range(cfg.run.eval_iters)
         ]
         for split in ("train", "val")
     }

@@ -27,8 +27,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from tinygpt.checkpoint import TrainingCheckpoint, Warn, fault_point, save_run_checkpoint, warn_stderr
-from tinygpt.config import TrainConfig
+from tinygpt.checkpoint import (
+    Checkpoint,
+    TrainingCheckpoint,
+    Warn,
+    fault_point,
+    save_run_checkpoint,
+    warn_stderr,
+)
+from tinygpt.config import RunConfig, TrainConfig
 from tinygpt.distributed import (
     barrier,
     batch_generator,
@@ -103,31 +110,34 @@ def train(
     resume: TrainingCheckpoint | None = None,
     warn: Warn | None = None,
     handle_signals: bool = True,
+    init: Checkpoint | None = None,
 ) -> TrainResult:
     """Train a model as ``cfg`` says; returns the final model and its losses.
 
-    ``resume`` (from ``tinygpt.runs.prepare_resume``) continues a run from its checkpoint.
+    ``resume`` continues a run from its checkpoint; ``init`` is the loaded ``--init-from``
+    source (both as ``tinygpt.resolve.resolve_start`` gives them; ``init`` is loaded from
+    ``cfg.run.init_from`` when not given).
     ``progress_bar=None`` shows the bar only when stderr is a terminal. With ``handle_signals``
     (and in the main thread) SIGINT/SIGTERM save a checkpoint and raise ``TrainingInterrupted``.
     """
     warn = warn or warn_stderr
-    run = build_run(cfg, resume, warn, log)
+    run = build_run(cfg, resume, warn, log, init)
     main = run.dist.is_main  # rank 0 of a torchrun job (or the only process) writes the run
     with run_lock(run.run_dir) if main else contextlib.nullcontext():
         if resume is not None:
             if main:
-                prepare_resume_dir(run.run_dir, resume, cfg.keep, warn)
+                prepare_resume_dir(run.run_dir, resume, cfg.run.keep, warn)
             state = LoopState.from_checkpoint(resume.state)
         else:
             if main:
-                prepare_run_dir(run.run_dir, cfg.overwrite)
+                prepare_run_dir(run.run_dir, cfg.run.overwrite)
                 write_run_config(run.run_dir, cfg)
-            state = LoopState(lr=cfg.lr * lr_multiplier(cfg, 0, 0.0), saved_at=time.monotonic())
+            state = LoopState(lr=cfg.optim.lr * lr_multiplier(cfg, 0, 0.0), saved_at=time.monotonic())
         barrier(run.dist)  # the other ranks start once the run directory is ready
         if main:
             _announce(run, state, resume)
         hide = (None if progress_bar is None else not progress_bar) if main else True
-        bar = tqdm(total=cfg.max_steps if cfg.max_time is None else None, initial=state.step,
+        bar = tqdm(total=cfg.run.max_steps if cfg.run.max_time is None else None, initial=state.step,
                    disable=hide, unit="step", dynamic_ncols=True, leave=False)
         try:
             with SignalCatcher(handle_signals) as catcher:
@@ -147,7 +157,7 @@ def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
                skip_eval: bool = False) -> None:
     """Step until the step count or the time budget is reached, evaluating every
     ``eval_interval`` steps and at the end (``skip_eval``: the resumed step was evaluated)."""
-    cfg = run.cfg
+    rc = run.cfg.run
     first = state.step
     with warnings.catch_warnings():
         # Inductor leaves the complex multiply of the rotary embeddings to PyTorch's own kernel
@@ -155,12 +165,12 @@ def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
         warnings.filterwarnings("ignore", "Torchinductor does not support code generation "
                                 "for complex operators")
         while True:
-            done = (cfg.max_steps is not None and state.step >= cfg.max_steps) or (
-                cfg.max_time_s is not None and state.elapsed >= cfg.max_time_s)
+            done = (rc.max_steps is not None and state.step >= rc.max_steps) or (
+                rc.max_time_s is not None and state.elapsed >= rc.max_time_s)
             skip = skip_eval and state.step == first
-            if (state.step % cfg.eval_interval == 0 or done) and not skip:
+            if (state.step % rc.eval_interval == 0 or done) and not skip:
                 evaluate_and_save(run, state, bar)
-            elif _save_is_due(cfg, state):
+            elif _save_is_due(rc, state):
                 save(run, state, record=None, improved=False)
             if done:
                 return
@@ -170,8 +180,8 @@ def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
             loss = training_step(run, state)
             bar.update(1)
             postfix = {"loss": f"{loss:.4f}", "tok/s": f"{state.tokens_per_s:,.0f}"}
-            if cfg.max_time_s is not None:
-                postfix["left"] = f"{max(cfg.max_time_s - state.elapsed, 0):.0f}s"
+            if rc.max_time_s is not None:
+                postfix["left"] = f"{max(rc.max_time_s - state.elapsed, 0):.0f}s"
             bar.set_postfix(postfix, refresh=False)
 
 
@@ -180,20 +190,21 @@ def training_step(run: Run, state: LoopState) -> float:
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     t0 = time.perf_counter()
     factor = lr_multiplier(cfg, state.step, state.elapsed)
-    state.lr = cfg.lr * factor
+    state.lr = cfg.optim.lr * factor
     for group in optimizer.param_groups:  # each group follows the curve from its own peak
         group["lr"] = group["base_lr"] * factor
     # The batch of this step is a function of (seed, step); this process trains on its rows.
-    B = batch_size_at(state.step, cfg.batch_size, cfg.batch_start, cfg.batch_warmup_steps)
-    x, y = run.corpus.get_batch("train", B, cfg.block_size, batch_generator(cfg.seed, state.step),
+    d, T, seed = cfg.data, cfg.model.block_size, cfg.run.seed
+    B = batch_size_at(state.step, d.batch_size, d.batch_start, d.batch_warmup_steps)
+    x, y = run.corpus.get_batch("train", B, T, batch_generator(seed, state.step),
                                 rows=run.dist.share(B))
     x, y = x.to(run.device), y.to(run.device)  # (B/W, T) inputs and (B/W, T) next characters
 
     optimizer.zero_grad(set_to_none=True)
-    K, losses = cfg.grad_accum, []
+    K, losses = d.grad_accum, []
     with compile_errors():
         for k, (xk, yk) in enumerate(micro_batches(x, y, K)):
-            seed_dropout(cfg.seed, state.step, run.dist.rank, k)
+            seed_dropout(seed, state.step, run.dist.rank, k)
             # Gradients add up over the micro-batches; DDP averages them over the processes
             # after the last one. Dividing by K makes the sum a mean over the whole batch.
             with no_sync(run.ddp, sync=k == K - 1):
@@ -201,8 +212,9 @@ def training_step(run: Run, state: LoopState) -> float:
                     _, loss = run.forward(xk, yk)
                 (loss / K).backward()
             losses.append(loss.detach())
-    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                 if cfg.grad_clip > 0 else torch.zeros(()))
+    clip = cfg.optim.grad_clip
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                 if clip > 0 else torch.zeros(()))
     loss_value = torch.stack(losses).mean().item()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
         raise TinyGPTError(
@@ -221,7 +233,7 @@ def training_step(run: Run, state: LoopState) -> float:
     fault_point("step", state.step)
     dt = time.perf_counter() - t0
     state.elapsed += dt
-    rate = B * cfg.block_size / max(dt, 1e-9)
+    rate = B * T / max(dt, 1e-9)
     state.tokens_per_s = rate if state.step == 1 else 0.9 * state.tokens_per_s + 0.1 * rate
     return loss_value
 
@@ -229,13 +241,14 @@ def training_step(run: Run, state: LoopState) -> float:
 def lr_multiplier(cfg: TrainConfig, step: int, elapsed: float) -> float:
     """The schedule's factor of the peak learning rate at ``step`` (see ``tinygpt.optim``): the
     curve stretches over the step count or the time budget, whichever is further along."""
+    o, rc = cfg.optim, cfg.run
     progress = 0.0
-    if cfg.max_steps:
-        progress = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
-    if cfg.max_time_s:
-        progress = max(progress, elapsed / cfg.max_time_s)
-    return lr_factor(cfg.schedule, step, max(progress, 0.0), cfg.warmup_steps, cfg.min_lr_ratio,
-                     cfg.decay_fraction)
+    if rc.max_steps:
+        progress = (step - o.warmup_steps) / max(rc.max_steps - o.warmup_steps, 1)
+    if rc.max_time_s:
+        progress = max(progress, elapsed / rc.max_time_s)
+    return lr_factor(o.schedule, step, max(progress, 0.0), o.warmup_steps, o.min_lr_ratio,
+                     o.decay_fraction)
 
 
 @torch.no_grad()
@@ -265,8 +278,8 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
     state.train_loss = estimate_loss(run, run.eval_batches["train"])
     corpus = run.corpus
     val_bpc = None
-    if cfg.full_val:
-        full = evaluate_tokens(run.model, corpus.split("val"), cfg.block_size, batch_size=64,
+    if cfg.run.full_val:
+        full = evaluate_tokens(run.model, corpus.split("val"), cfg.model.block_size, batch_size=64,
                                device=run.device, tokenizer=corpus.tokenizer)
         state.val_loss, val_bpc = full["val_loss"], full["bits_per_char"]
     else:
@@ -283,8 +296,8 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
         "train_bpc": bits_per_char(state.train_loss, corpus, "train"),
         "val_bpc": val_bpc if val_bpc is not None else bits_per_char(state.val_loss, corpus, "val"),
         "lr": state.lr,
-        "tokens": tokens_seen(state.step, cfg.batch_size, cfg.batch_start, cfg.batch_warmup_steps,
-                              cfg.block_size),
+        "tokens": tokens_seen(state.step, cfg.data.batch_size, cfg.data.batch_start,
+                              cfg.data.batch_warmup_steps, cfg.model.block_size),
         "elapsed_s": round(state.elapsed, 3), "tokens_per_s": round(state.tokens_per_s, 1),
     }
     improved = state.val_loss < state.best_val
@@ -319,13 +332,13 @@ def _write_checkpoint(run: Run, state: LoopState, record: dict | None, improved:
         "tokens_per_s": state.tokens_per_s, "evaluated": record is not None, "metrics": record,
     }
     save_run_checkpoint(run.run_dir, run.model, run.optimizer, ckpt_state, capture_rng(),
-                        is_best=improved, keep=run.cfg.keep)
+                        is_best=improved, keep=run.cfg.run.keep)
 
 
-def _save_is_due(cfg: TrainConfig, state: LoopState) -> bool:
+def _save_is_due(rc: RunConfig, state: LoopState) -> bool:
     """``--save-every``: a checkpoint when that much wall time has passed since the last one."""
-    return (cfg.save_every_s is not None and state.saved_step != state.step
-            and time.monotonic() - state.saved_at >= cfg.save_every_s)
+    return (rc.save_every_s is not None and state.saved_step != state.step
+            and time.monotonic() - state.saved_at >= rc.save_every_s)
 
 
 def _stop_for_signal(run: Run, state: LoopState, signum: int) -> None:
@@ -351,7 +364,7 @@ def _announce(run: Run, state: LoopState, resume: TrainingCheckpoint | None) -> 
     cfg, corpus = run.cfg, run.corpus
     n_params = sum(p.numel() for p in run.model.parameters())
     log = run.log
-    log(f"model {cfg.model} ({cfg.preset}): {n_params / 1e6:.3f}M parameters, vocab "
+    log(f"model {cfg.kind} ({cfg.preset}): {n_params / 1e6:.3f}M parameters, vocab "
         f"{corpus.tokenizer.vocab_size}, {len(corpus.tokens):,} tokens from "
         f"{corpus.describe_sources()}, device {run.device}, run {run.run_dir}")
     if run.init is not None:
@@ -359,21 +372,21 @@ def _announce(run: Run, state: LoopState, resume: TrainingCheckpoint | None) -> 
             f"and schedule")
     if run.amp_dtype is not None:
         log("mixed precision: bfloat16 matrix products, float32 weights and optimizer")
-    if cfg.compile:
+    if cfg.run.compile:
         log("compiling the model with torch.compile: the first step takes a while")
     if resume is not None:
         log(f"resuming from {resume.path} at step {state.step}")
-        if cfg.max_steps is not None and state.step >= cfg.max_steps:
-            log(f"the run already reached --max-steps {cfg.max_steps}; give a larger one to go "
+        if cfg.run.max_steps is not None and state.step >= cfg.run.max_steps:
+            log(f"the run already reached --max-steps {cfg.run.max_steps}; give a larger one to go "
                 f"further")
 
 
 def _result(run: Run, state: LoopState) -> TrainResult:
     cfg, tokenizer = run.cfg, run.corpus.tokenizer
     sample = ""
-    if cfg.sample_chars and run.dist.is_main:
+    if cfg.run.sample_chars and run.dist.is_main:
         block_size = run.base_state["model_config"].get("block_size", 1)
-        sample = sample_text(run.model, tokenizer, cfg.sample_chars, seed=cfg.seed,
+        sample = sample_text(run.model, tokenizer, cfg.run.sample_chars, seed=cfg.run.seed,
                              device=run.device, block_size=block_size)
     return TrainResult(run.run_dir, state.step, state.train_loss, state.val_loss, state.best_val,
                        run.model, tokenizer, sample)

@@ -124,3 +124,40 @@ def test_serve_port_in_use(capsys, run_dir, server):
 
     assert main(["serve", str(run_dir), "--port", str(server.port)]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+
+
+def test_serve_flags_are_the_fields_of_serve_options(monkeypatch, tmp_path):
+    """Every field of ServeOptions (and its ServeLimits) is a flag; serve gets one ServeOptions."""
+    from dataclasses import fields
+
+    from tinygpt.cli import main
+    from tinygpt.serve import server
+    from tinygpt.serve.options import ServeLimits, ServeOptions
+
+    got = []
+    monkeypatch.setattr(server, "serve", got.append)
+    monkeypatch.setenv("TINYGPT_API_KEY", "from-env")
+    assert main(["serve", str(tmp_path), "--port", "0", "--allowed-host", "a.lan",
+                 "--allowed-host", "b.lan", "--max-n", "2", "--threads", "3", "--access-log",
+                 "--checkpoint", "last"]) == 0
+    (options,) = got
+    assert options == ServeOptions(
+        run_dir=str(tmp_path), port=0, api_key="from-env", allowed_hosts=("a.lan", "b.lan"),
+        threads=3, access_log=True, checkpoint="last", limits=ServeLimits(max_n=2),
+    )
+    assert {f.name for f in fields(ServeOptions)} - {"limits"} <= set(vars(_serve_args(tmp_path)))
+
+
+def _serve_args(run_dir):
+    from tinygpt.cli import build_parser
+
+    return build_parser().parse_args(["serve", str(run_dir)])
+
+
+def test_serve_options_are_checked_when_made():
+    from tinygpt.serve.options import ServeOptions
+
+    with pytest.raises(ValueError, match="--port must be between 0 and 65535"):
+        ServeOptions(run_dir="r", port=-1)
+    with pytest.raises(ValueError, match="--threads must be between 0 and 1024"):
+        ServeOptions(run_dir="r", threads=2000)

@@ -1,12 +1,15 @@
-"""The limits that keep one server safe.
+"""What ``tinygpt serve`` is told: ``ServeOptions`` (where to listen, which model, the key) and the
+``ServeLimits`` that keep one server safe.
 
-Every limit has a conservative default; all of them can be raised on the command line
-(``tinygpt serve --max-tokens N ...``: one flag per field, made in ``tinygpt.cli``).
+Every field is a flag of ``tinygpt serve`` (made from the fields in ``tinygpt.cli.serve``; help in
+the field metadata). Every limit has a conservative default; all of them can be raised on the
+command line (``tinygpt serve --max-tokens N ...``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 API_KEY_ENV = "TINYGPT_API_KEY"
@@ -14,6 +17,10 @@ API_KEY_ENV = "TINYGPT_API_KEY"
 
 def _limit(default, help: str):
     return field(default=default, metadata={"help": help})
+
+
+def _option(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
@@ -57,3 +64,43 @@ class ServeLimits:
             )
         if self.default_max_tokens > self.max_tokens:
             object.__setattr__(self, "default_max_tokens", self.max_tokens)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """One server: the run it serves, where it listens, who may use it, and its limits.
+
+    Field metadata: ``help``; ``flag`` when the flag's name is not the field's; ``positional``;
+    ``metavar``; ``append`` (a repeatable flag); ``env`` (the default comes from that variable);
+    ``shared`` (the flag is declared once for every command, in ``tinygpt.cli.common``).
+    """
+
+    run_dir: str = field(metadata={"help": "the run to serve", "positional": True,
+                                   "metavar": "RUN_DIR"})
+    host: str = _option("127.0.0.1", "address to listen on")
+    port: int = _option(8000, "port; 0 picks a free one")
+    api_key: str | None = _option(
+        None, "require this key (Authorization: Bearer KEY) on every route but /health "
+        f"(default: ${API_KEY_ENV}, else none)", metavar="KEY", env=API_KEY_ENV,
+    )
+    model_name: str | None = _option(None, "model id in the API (default: RUN_DIR's name)",
+                                     metavar="NAME")
+    allowed_hosts: tuple[str, ...] = _option(
+        (), "also accept this Host header name (repeatable); on other addresses than loopback, "
+        "giving it turns the Host check on", flag="allowed_host", metavar="NAME", append=True,
+    )
+    threads: int = _option(0, "CPU threads for the model; 0 keeps torch's default", metavar="N")
+    access_log: bool = _option(False, "log every request")
+    checkpoint: str = _option("best", "which checkpoint of the run", shared=True)
+    device: str = _option("auto", "device to run the model on", shared=True)
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", self.api_key):
+            raise ValueError("--api-key must be printable ASCII without spaces (and not empty)")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not (
+                0 <= self.threads <= 1024):
+            raise ValueError(f"--threads must be between 0 and 1024, got {self.threads}")
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))

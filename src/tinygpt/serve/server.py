@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from tinygpt.checkpoint import Checkpoint, load_checkpoint
 from tinygpt.engine import Engine
 from tinygpt.errors import TinyGPTError
 from tinygpt.serve.app import LOOPBACK_NAMES, ModelInfo, create_app
-from tinygpt.serve.options import ServeLimits
+from tinygpt.serve.options import ServeOptions
 
 
 def model_info(ckpt: Checkpoint, name: str) -> ModelInfo:
@@ -66,46 +65,34 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{host}:{port}/"
 
 
-def serve(
-    run_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    limits: ServeLimits | None = None,
-    model_name: str | None = None,
-    allowed_hosts: list[str] | None = None,
-    checkpoint: str = "best",
-    device: str = "auto",
-    access_log: bool = False,
-    threads: int = 0,
-) -> None:
+def serve(options: ServeOptions) -> None:
+    """Load the checkpoint, bind the socket, serve until interrupted (checked options: see
+    ``ServeOptions``)."""
     import torch
 
     from tinygpt.device import pick_device
 
-    limits = limits or ServeLimits()
-    if api_key is not None and not re.fullmatch(r"[\x21-\x7e]+", api_key):
-        raise TinyGPTError("--api-key must be printable ASCII without spaces (and not empty)")
-    if threads:
-        torch.set_num_threads(threads)
-    ckpt = load_checkpoint(Path(run_dir), checkpoint, pick_device(device))
-    name = model_name or Path(run_dir).resolve().name or "tinygpt"
-    sock = bind(host, port)  # after loading: a bad run directory should not hold a port
+    o, limits = options, options.limits
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    ckpt = load_checkpoint(Path(o.run_dir), o.checkpoint, pick_device(o.device))
+    name = o.model_name or Path(o.run_dir).resolve().name or "tinygpt"
+    sock = bind(o.host, o.port)  # after loading: a bad run directory should not hold a port
     loopback = is_loopback(sock)
-    if not loopback and api_key is None:
-        print(f"tinygpt serve: warning: listening on {host} without --api-key: anyone who can "
+    if not loopback and o.api_key is None:
+        print(f"tinygpt serve: warning: listening on {o.host} without --api-key: anyone who can "
               f"reach this port can use the model", file=sys.stderr, flush=True)
-    check_hosts = loopback or bool(allowed_hosts)  # other addresses: only when names are given
-    hosts = [*LOOPBACK_NAMES, *(allowed_hosts or [])] if check_hosts else None
+    check_hosts = loopback or bool(o.allowed_hosts)  # other addresses: only when names are given
+    hosts = [*LOOPBACK_NAMES, *o.allowed_hosts] if check_hosts else None
     app = create_app(Engine(ckpt.model), ckpt.tokenizer, model_info(ckpt, name), limits,
-                     api_key, hosts)
+                     o.api_key, hosts)
     config = uvicorn.Config(
-        app, log_level="info" if access_log else "warning", access_log=access_log,
+        app, log_level="info" if o.access_log else "warning", access_log=o.access_log,
         limit_concurrency=limits.max_connections, timeout_graceful_shutdown=5,
         server_header=False,
     )
     print(f"tinygpt serve: model {name} ({ckpt.model_kind}, {ckpt.path}) at {url_of(sock)}"
-          f"{' (API key required)' if api_key else ''}", flush=True)
+          f"{' (API key required)' if o.api_key else ''}", flush=True)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed Ctrl-C on
