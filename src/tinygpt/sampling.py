@@ -23,10 +23,10 @@ import argparse
 import math
 from dataclasses import dataclass, field, fields
 
-import torch
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TEMPERATURE = 2.0
+FLOAT32_TINY = 2.0**-126  # float32's smallest normal number (torch.finfo(torch.float32).tiny)
 MAX_LOGPROBS = 5  # the most alternatives a request may ask for, as in OpenAI's API
 
 
@@ -136,7 +136,7 @@ class SamplingConfig:
         That is temperature 0, and also a temperature too small for float32 (below its smallest
         normal number, ~1.2e-38): dividing by it would turn every logit gap into infinity.
         """
-        return self.temperature < torch.finfo(torch.float32).tiny
+        return self.temperature < FLOAT32_TINY
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ``SettingError`` if top-k asks for more tokens than the vocabulary holds."""
