@@ -185,13 +185,14 @@ def test_a_bad_input_in_a_real_process_is_one_line_and_status_2(tmp_path, cli):
     "args, fragment",
     [
         (["--prompt", "QXZ∆"], "does not know: 'Q', 'X', 'Z', '∆'"),
-        (["--temperature", "-1"], "temperature must be"),
-        (["--top-p", "0"], "top_p must be in (0, 1]"),
-        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["--top-k", "-1"], "top_k must be"),
-        (["--temperature", "2.5"], "temperature must be between 0 and 2"),
+        (["--temperature", "-1"], "--temperature must be"),
+        (["--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--top-k", "-1"], "--top-k must be"),
+        (["--temperature", "2.5"], "--temperature must be between 0 and 2"),
         (["--num-chars", "-5"], "--num-chars must be"),
         (["--num-samples", "0"], "--num-samples must be"),
+        (["--stop", ""], "--stop must be"),
     ],
 )
 def test_bad_sampling_input(trained, cli, args, fragment):
