@@ -363,12 +363,12 @@ def test_cli_stop(cli, run_dir):
 @pytest.mark.parametrize(
     "flags, match",
     [
-        (["--stop", ""], "stop strings must be non-empty"),
+        (["--stop", ""], "--stop must be"),
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--window-shift", "0"], "--window-shift must be >= 1"),
         (["--window-shift", str(BS + 1)], "at most the context length"),
         (["--temperature", "-1"], "temperature"),
-        (["--top-p", "1.5"], "top_p"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
         (["--prompt", "xyz!"], "does not know"),
     ],
 )
