@@ -214,3 +214,28 @@ def test_unknown_layouts_are_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("TINYGPT_DECODE_LAYOUT", "linear")
     assert Engine(make_gpt()).decode_layout == "linear"
     assert Engine(make_gpt(), decode_layout="model").decode_layout == "model"
+
+
+def test_queries_and_keys_are_made_by_the_model_in_every_path(monkeypatch):
+    """Prefill, decode steps and attention maps all call ``MultiHeadAttention.qkv``: there is one
+    implementation of the attention's query/key/value preparation."""
+    from tinygpt.models.attention_maps import attention_maps
+    from tinygpt.models.gpt import MultiHeadAttention
+
+    calls = []
+    real = MultiHeadAttention.qkv
+
+    def counted(self, x, *args, **kwargs):
+        calls.append(x.size(1))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "qkv", counted)
+    model = make_gpt(pos_embedding="rope", qk_norm="rmsnorm")
+    engine = Engine(model, decode_layout="linear")
+    s = engine.new_sequence([1, 2, 3])
+    engine.step([s])  # prefill: 3 positions in each of 2 layers
+    engine.append(s, 4)
+    engine.step([s])  # a decode step on stand-ins: 1 position
+    assert engine._decoder is not None
+    attention_maps(model, torch.tensor([1, 2]))
+    assert calls == [3, 3, 1, 1] + [2] * 4  # the maps: the forward and the recomputation

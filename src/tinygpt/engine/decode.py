@@ -112,10 +112,10 @@ class _StandIn:
         self.training = False
 
 
-@functools.cache
 def _stand_in_class(cls: type) -> type:
-    """A class with ``cls``'s own methods (those of its classes below ``nn.Module``), whose call
-    is ``cls.forward``: calling a stand-in runs the module's code with nothing in between."""
+    """A class with ``cls``'s own methods (those of its classes below ``nn.Module``, as they are
+    now), whose call is ``cls.forward``: calling a stand-in runs the module's code with nothing
+    in between."""
     own = cls.__mro__[: cls.__mro__.index(nn.Module)]
     namespace: dict = {}
     for klass in reversed(own):
@@ -167,6 +167,7 @@ class DecodeModel:
         self._watch: list[tuple[dict, str, torch.Tensor | None]] = []  # (table, name, tensor)
         self._copies: list[tuple[torch.Tensor, int, int]] = []  # (source, version, address)
         self._linears: list[torch.Tensor] = []
+        self._classes: dict[type, type] = {}
         self._root = self._stand_in(self.model)
         # (tables, names, tensors), checked in one pass per step
         self._watched = tuple(zip(*self._watch)) or ((), (), ())
@@ -202,7 +203,9 @@ class DecodeModel:
             attrs[name] = self._ref(module, name)
         for name, child in module._modules.items():
             attrs[name] = self._stand_in(child)
-        return _stand_in_class(type(module))(attrs)
+        if kind not in self._classes:
+            self._classes[kind] = _stand_in_class(kind)
+        return self._classes[kind](attrs)
 
     def _linear(self, linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         weight, bias = self._ref(linear, "weight"), self._ref(linear, "bias")

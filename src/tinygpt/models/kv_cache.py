@@ -19,16 +19,31 @@ if TYPE_CHECKING:
 
 
 class LayerCache:
-    """One layer's view of a ``KVCache``: what ``MultiHeadAttention`` talks to."""
+    """One layer's part of a ``KVCache``: what ``MultiHeadAttention`` talks to."""
 
-    __slots__ = ("cache", "layer")
+    __slots__ = ("cache", "layer", "k", "v")
 
     def __init__(self, cache: KVCache, layer: int) -> None:
         self.cache = cache
         self.layer = layer
+        self.k, self.v = cache.k[layer], cache.v[layer]  # views, (B, H, capacity, D)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.cache.update(self.layer, k, v)
+        """Store this layer's new keys/values (B, H, T, D) where ``KVCache.prepare`` said.
+
+        Returns all keys and values so far, each (B, H, L, D), and the attention mask (or None).
+        """
+        kb, vb, cache = self.k, self.v, self.cache
+        slot = cache._slot
+        if isinstance(slot, slice):
+            kb[:, :, slot] = k
+            vb[:, :, slot] = v
+        else:
+            rows = torch.arange(kb.size(0), device=kb.device)[:, None]  # (B, 1)
+            # Indexing (rows, :, slot) selects (B, T, H, D), hence the transposes.
+            kb[rows, :, slot] = k.transpose(1, 2)
+            vb[rows, :, slot] = v.transpose(1, 2)
+        return kb[:, :, : cache._end], vb[:, :, : cache._end], cache._mask
 
 
 class KVCache:
@@ -111,18 +126,5 @@ class KVCache:
         return pos
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Store the new keys/values (B, H, T, D) of ``layer``.
-
-        Returns all keys and values so far, each (B, H, L, D), and the attention mask (or None).
-        """
-        kb, vb = self.k[layer], self.v[layer]  # (B, H, capacity, D)
-        slot = self._slot
-        if isinstance(slot, slice):
-            kb[:, :, slot] = k
-            vb[:, :, slot] = v
-        else:
-            rows = torch.arange(kb.size(0), device=kb.device)[:, None]  # (B, 1)
-            # Indexing (rows, :, slot) selects (B, T, H, D), hence the transposes.
-            kb[rows, :, slot] = k.transpose(1, 2)
-            vb[rows, :, slot] = v.transpose(1, 2)
-        return kb[:, :, : self._end], vb[:, :, : self._end], self._mask
+        """``layer(layer).update(k, v)``."""
+        return self._layers[layer].update(k, v)
