@@ -90,7 +90,7 @@ def fast_decode_supported(model: nn.Module) -> bool:
     if not isinstance(model, GPT):
         return False
     p = model.wte.weight
-    return model.config.causal and p.device.type == "cpu" and p.dtype == torch.float32
+    return model.config.causal and p.is_cpu and p.dtype == torch.float32
 
 
 # The model's own classes (``GPT``, ``Block``, ...) run on stand-ins; layers from elsewhere as they are.

@@ -88,9 +88,9 @@ class MultiHeadAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The queries, keys and values of the positions ``x`` (B, T, C): three (B, H, T, D).
 
-        The one place they are made (the forward, and through it the engine's decode steps, and
-        ``attention_maps`` call it): ``c_attn``, split into heads, QK-norm, rotary positions.
-        ``float32`` computes them in float32 whatever the dtype of ``c_attn``'s output.
+        ``c_attn``, split into heads, QK-norm, rotary positions: the one place they are made,
+        for the forward (and so for the engine's decode steps) and for ``attention_maps``.
+        ``float32`` makes them in float32 whatever the dtype of ``c_attn``'s output.
         """
         B, T, C = x.shape
         H = self.n_head
