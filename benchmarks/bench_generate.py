@@ -16,9 +16,9 @@ over the batch. Both paths slide the context window the same way once the text o
 every step, where the cache has nothing to reuse past the context length.
 
 --decode-layout picks how the cached path runs a step of one new token per sequence (one row
-each): ``auto`` (the default: the engine's decode step, each weight shape in the layout measured
-fastest on this CPU, printed below), ``linear`` / ``transposed`` (forced), ``model`` (the model's
-own forward).
+each): ``auto`` (the default: the model's forward on the engine's lean stand-ins of its layers,
+each weight shape in the layout measured fastest on this CPU, printed below), ``linear`` /
+``transposed`` (forced), ``model`` (the model itself, nn.Modules and all).
 """
 
 from __future__ import annotations

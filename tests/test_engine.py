@@ -7,9 +7,10 @@ import torch
 
 from tinygpt import cli
 from tinygpt.checkpoint import save_checkpoint
-from tinygpt.engine import Engine, KVCache
+from tinygpt.engine import Engine
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models import GPT, BigramConfig, BigramLM, GPTConfig
+from tinygpt.models.kv_cache import KVCache
 from tinygpt.sequence import TextStream, generate_text, stream
 from tinygpt.tokenizer import CharTokenizer
 
@@ -115,7 +116,7 @@ def test_non_causal_model_is_recomputed_not_cached():
     state = engine.new_sequence([1, 2, 3])
     torch.testing.assert_close(engine.step([state])[0], reference_logits(model, state.tokens))
     with pytest.raises(ValueError, match="causal"):
-        model(torch.tensor([[1]]), cache=KVCache.for_model(model, 1))
+        model(torch.tensor([[1]]), cache=KVCache.for_config(model.config, 1))
 
 
 def test_mixed_length_batch_equals_each_state_alone(gpt):

@@ -1,24 +1,19 @@
-"""The engine's decode step: every weight layout gives the reference's tokens and logits."""
+"""The engine's decode steps: every weight layout gives the reference's tokens and logits."""
 
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-import tinygpt.engine as engine_module
-from tinygpt.engine import (
-    DECODE_LAYOUTS,
-    DecodeStep,
-    Engine,
-    fast_decode_supported,
-    measure_decode_layouts,
-)
+import tinygpt.engine.decode as decode_module
+from tinygpt.engine import DECODE_LAYOUTS, Engine, measure_decode_layouts
+from tinygpt.engine.decode import DecodeModel, fast_decode_supported
 from tinygpt.generate import SamplingConfig, generate_tokens
 from tinygpt.models import GPT, GPTConfig
 
 BS = 8
 LAYOUTS = [x for x in DECODE_LAYOUTS]  # auto, model, linear, transposed
-# Every option DecodeStep reproduces appears in at least one of these.
+# Every option appears in at least one of these.
 CONFIGS = {
     "lecture": {},
     "rope-rms": dict(pos_embedding="rope", norm="rmsnorm", qk_norm="rmsnorm", mlp="relu2",
@@ -85,21 +80,20 @@ def test_rows_at_different_lengths_decode_like_each_alone(layout):
 
 def test_forced_layouts_are_the_ones_used():
     model = make_gpt()
-    for layout, transposed in (("linear", False), ("transposed", True)):
+    for layout in ("linear", "transposed"):
         engine = Engine(model, decode_layout=layout)
         s = engine.new_sequence([1])
         engine.step([s])
         engine.append(s, 2)
         engine.step([s])
-        lins = engine._decoder.linears()
+        used = engine._decoder.linear_weights()
         weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        assert len(lins) == len(weights) == 2 * 4 + 1
-        assert {lin.transposed for lin in lins} == {transposed}
-        for lin, w in zip(lins, weights):
-            if transposed:  # a contiguous (in, out) copy of the same numbers
-                assert lin.weight.is_contiguous() and torch.equal(lin.weight, w.t())
+        assert len(used) == len(weights) == 2 * 4 + 1
+        for u, w in zip(used, weights):
+            if layout == "transposed":  # the same matrix, stored (in, out): a copy
+                assert u.t().is_contiguous() and torch.equal(u, w) and u.data_ptr() != w.data_ptr()
             else:
-                assert lin.weight is w
+                assert u is w
 
 
 def test_the_layouts_are_measured_once_per_process(monkeypatch):
@@ -109,11 +103,11 @@ def test_the_layouts_are_measured_once_per_process(monkeypatch):
         calls.append(len(weights))
         return measure_decode_layouts(weights, rounds=1)
 
-    monkeypatch.setattr(engine_module, "measure_decode_layouts", spy)
-    monkeypatch.setattr(engine_module, "_MEASURED_LAYOUTS", {})
+    monkeypatch.setattr(decode_module, "measure_decode_layouts", spy)
+    monkeypatch.setattr(decode_module, "_MEASURED_LAYOUTS", {})
     model = make_gpt(n_embd=24, n_head=3)  # shapes no other test measured
     for _ in range(2):
-        DecodeStep(model, "auto")
+        DecodeModel(model, "auto")
     assert calls == [len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])]
 
 
@@ -162,24 +156,42 @@ def test_decoding_leaves_the_model_as_it_was():
 
 @dataclass
 class LaterConfig(GPTConfig):
-    novelty: int = 0  # an option the decode step has never heard of
+    novelty: int = 0  # an option added after the decode steps were written
 
 
-def test_models_it_cannot_reproduce_decode_through_their_own_forward():
+class Halved(torch.nn.Module):
+    """A kind of layer the decode steps know nothing about."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+
+    def forward(self, x):
+        return 0.5 * self.norm(x)
+
+
+@pytest.mark.parametrize("layout", ["linear", "transposed"])
+def test_new_options_and_new_layers_decode_fast_and_exactly(layout):
+    """Decode steps run the model's own forward: a config field or a kind of layer they have
+    never heard of changes nothing about them."""
+    model = make_gpt(pos_embedding="rope")
+    model.config = LaterConfig(**model.config.to_dict())
+    model.blocks[1].ln_2 = Halved(16)
+    model.blocks[0].mlp.act = torch.tanh  # another nonlinearity, set on the layer
+    assert fast_decode_supported(model)
+    engine = Engine(model, decode_layout=layout)
+    s = engine.new_sequence([1, 2])
+    for _ in range(4):
+        logits = engine.step([s])[0]
+        torch.testing.assert_close(logits, reference_logits(model, s.tokens), atol=1e-5, rtol=0)
+        engine.append(s, int(logits.argmax()))
+    assert engine._decoder is not None
+
+
+def test_models_elsewhere_than_a_float32_cpu_decode_through_their_own_forward():
     assert fast_decode_supported(make_gpt())
-    later = make_gpt()
-    later.config = LaterConfig(**later.config.to_dict())
-    assert not fast_decode_supported(later)
     assert not fast_decode_supported(make_gpt().to(torch.bfloat16))
     assert not fast_decode_supported(make_gpt(causal=False))
-    # The engine still decodes them, through the model.
-    engine = Engine(later, decode_layout="transposed")
-    s = engine.new_sequence([1])
-    engine.step([s])
-    engine.append(s, 2)
-    torch.testing.assert_close(engine.step([s])[0], reference_logits(later, s.tokens),
-                               atol=1e-5, rtol=0)
-    assert engine._decoder is None
 
 
 def test_under_autocast_the_model_decodes():
@@ -202,3 +214,28 @@ def test_unknown_layouts_are_refused_in_one_line(monkeypatch):
     monkeypatch.setenv("TINYGPT_DECODE_LAYOUT", "linear")
     assert Engine(make_gpt()).decode_layout == "linear"
     assert Engine(make_gpt(), decode_layout="model").decode_layout == "model"
+
+
+def test_queries_and_keys_are_made_by_the_model_in_every_path(monkeypatch):
+    """Prefill, decode steps and attention maps all call ``MultiHeadAttention.qkv``: there is one
+    implementation of the attention's query/key/value preparation."""
+    from tinygpt.models.attention_maps import attention_maps
+    from tinygpt.models.gpt import MultiHeadAttention
+
+    calls = []
+    real = MultiHeadAttention.qkv
+
+    def counted(self, x, *args, **kwargs):
+        calls.append(x.size(1))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(MultiHeadAttention, "qkv", counted)
+    model = make_gpt(pos_embedding="rope", qk_norm="rmsnorm")
+    engine = Engine(model, decode_layout="linear")
+    s = engine.new_sequence([1, 2, 3])
+    engine.step([s])  # prefill: 3 positions in each of 2 layers
+    engine.append(s, 4)
+    engine.step([s])  # a decode step on stand-ins: 1 position
+    assert engine._decoder is not None
+    attention_maps(model, torch.tensor([1, 2]))
+    assert calls == [3, 3, 1, 1] + [2] * 4  # the maps: the forward and the recomputation

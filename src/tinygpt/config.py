@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 
 from tinygpt.device import DEVICE_HELP, DEVICE_PATTERN
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
-from tinygpt.models.gpt_options import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
+from tinygpt.models.config import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16", "auto")

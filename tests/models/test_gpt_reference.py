@@ -55,10 +55,14 @@ def test_the_model_file_reads_in_the_lecture_order():
     import inspect
     import re
 
+    import tinygpt.models.config as config_module
     import tinygpt.models.gpt as gpt_module
 
     source = inspect.getsource(gpt_module)
     order = [re.search(rf"^class {name}\b", source, re.M).start() for name in
-             ("GPTConfig", "MultiHeadAttention", "FeedForward", "Block", "GPT")]
+             ("MultiHeadAttention", "FeedForward", "Block", "GPT")]
     assert order == sorted(order)
+    # The hyperparameters come first, from their own module, under the name the lecture uses.
+    assert gpt_module.GPTConfig is config_module.GPTConfig
+    assert source.index("GPTConfig") < order[0]
     assert GPT.__doc__ and "forward(idx, targets=None)" in GPT.__doc__

@@ -29,7 +29,11 @@ def test_config_validation(kw, match):
 
 
 def test_odd_head_size_is_fine_with_learned_positions():
-    GPTConfig(vocab_size=5, n_embd=30, n_head=2, pos_embedding="learned")
+    config = GPTConfig(vocab_size=5, block_size=8, n_layer=1, n_embd=30, n_head=2,
+                       pos_embedding="learned")
+    assert config.head_size == 15
+    logits, loss = GPT(config)(torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    assert logits.shape == (1, 3, 5) and torch.isfinite(loss)
 
 
 def test_no_position_table_and_nothing_extra_saved():

@@ -7,8 +7,9 @@ the lecture's
 
     wei = softmax(q @ k^T / sqrt(head_size) + mask)     # (T, T) per head, rows sum to 1
 
-with the layer's own weights (and its QK-norm and rotary positions, if it has them). The model
-itself is not changed: nothing here runs during training.
+with the layer's own queries and keys (``MultiHeadAttention.qkv``: its weights, QK-norm and
+rotary positions), in float32. The model itself is not changed: nothing here runs during
+training.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
-from tinygpt.models import gpt as gpt_module
+from tinygpt.models.modes import eval_mode
 
 
 def _attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -33,16 +34,9 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 
 def layer_weights(attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
     """Attention weights (B, H, T, T) of one attention layer for its input ``x`` (B, T, C)."""
-    B, T, C = x.shape
-    H = attn.n_head
-    qkv = attn.c_attn(x).float()  # (B, T, 3C)
-    q, k, _ = qkv.view(B, T, 3 * H, C // H).split(H, dim=2)  # (B, T, H, D) each
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
-        q, k = gpt_module.apply_rope(q, rope), gpt_module.apply_rope(k, rope)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(C // H)  # (B, H, T, T): query row, key column
+    T = x.size(1)
+    q, k, _ = attn.qkv(x, rope, float32=True)  # (B, H, T, D) each
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, T): query row, key column
     if attn.causal:
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))  # a position may not see the future
@@ -75,13 +69,11 @@ def attention_maps(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return hook
 
     handles = [attn.register_forward_pre_hook(recorder(i)) for i, attn in enumerate(layers)]
-    was_training = model.training
-    model.eval()
     try:
-        model(idx)
+        with eval_mode(model):
+            model(idx)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     out = torch.stack(maps, dim=1)  # (B, n_layer, H, T, T)
     return out[0] if single else out

@@ -2,7 +2,8 @@
 
 Read it in the lecture's order:
 
-1. ``GPTConfig`` -- the hyperparameters (block_size, n_embd, n_head, n_layer, dropout).
+1. ``GPTConfig`` -- the hyperparameters (block_size, n_embd, n_head, n_layer, dropout), in
+   ``tinygpt.models.config``.
 2. ``MultiHeadAttention`` -- the lecture's ``Head`` and ``MultiHeadAttention``: every position
    asks a question (query), advertises what it holds (key), and takes a weighted average of the
    values of the positions before it; several heads do that side by side.
@@ -15,11 +16,12 @@ a tied head, zero-init, a logit soft-cap, float32 attention under CPU bfloat16 a
 chosen once when the model is built, by the helpers in ``tinygpt.models.gpt_options``; with the
 defaults the model is the lecture's.
 
-``forward`` is a pure function of its input. For fast generation it optionally takes a key/value
-cache (``tinygpt.engine.KVCache``): each row then continues at the position where its cached keys
-end, and attention runs over the cached keys as well as the new ones. Sampling itself lives in
-``tinygpt.generate`` and ``tinygpt.engine``; the attention weights can be looked at with
-``tinygpt.models.attention_maps``.
+``forward`` is a pure function of its input, and the only computation of the model there is. For
+fast generation it optionally takes a key/value cache (``tinygpt.models.kv_cache.KVCache``): each
+row then continues at the position where its cached keys end, and attention runs over the cached
+keys as well as the new ones. Sampling lives in ``tinygpt.generate`` and ``tinygpt.engine`` (whose
+one-token decode steps run this same forward, on leaner stand-ins of its layers); the attention
+weights can be looked at with ``tinygpt.models.attention_maps``.
 
 Shapes in comments: B = batch, T = time (sequence length), C = channels (n_embd),
 H = heads, D = head size (C // H), V = vocabulary size.
@@ -27,19 +29,18 @@ H = heads, D = head size (C // H), V = vocabulary size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinygpt.models.config import GPTConfig
 from tinygpt.models.gpt_options import (
     activation,
     apply_rope,
     attention_in_float32,
     autocast_off,
-    check_config,
     ffn_width,
     init_weights,
     make_norm,
@@ -48,41 +49,9 @@ from tinygpt.models.gpt_options import (
 )
 
 if TYPE_CHECKING:
-    from tinygpt.engine import KVCache, LayerCache
+    from tinygpt.models.kv_cache import KVCache, LayerCache
 
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    block_size: int = 256  # longest context the model can see
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
-    # Dropout on the attention weights; None: the same as dropout. 0 with dropout > 0 keeps the
-    # fused attention kernel (the CPU one has no dropout) while still regularising the rest.
-    attn_dropout: float | None = None
-    bias: bool = True  # biases in Linear layers and LayerNorms
-    # Teaching switch: False lets every position attend to the future too. Training loss then
-    # collapses (the answer is visible) while sampling, which has no future, produces garbage.
-    causal: bool = True
-    # "learned": a table of block_size position vectors added to the token embeddings (GPT-2).
-    # "rope": rotary embeddings, queries and keys rotated by position inside every attention layer.
-    pos_embedding: str = "learned"
-    # Options from later small-transformer work; the defaults are the lecture's architecture.
-    norm: str = "layernorm"  # "rmsnorm": rescale only (no mean subtraction, no bias)
-    # Normalise each head's queries and keys before attention: "none", "rmsnorm" or "layernorm".
-    qk_norm: str = "none"
-    mlp: str = "gelu"  # "relu2": relu(x)^2; "swiglu": gated, 8/3 x wide (same parameter count)
-    tie_embeddings: bool = False  # share the token embedding table with the output head
-    zero_init: bool = False  # start residual projections and the head at zero
-    logit_softcap: float | None = None  # squash logits into (-cap, cap) with cap * tanh(x / cap)
-
-    def __post_init__(self) -> None:
-        check_config(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["GPTConfig", "MultiHeadAttention", "FeedForward", "Block", "GPT"]
 
 
 class MultiHeadAttention(nn.Module):
@@ -114,6 +83,28 @@ class MultiHeadAttention(nn.Module):
         self.q_norm = make_norm(config.qk_norm, head_size, config.bias) if qk else None
         self.k_norm = make_norm(config.qk_norm, head_size, config.bias) if qk else None
 
+    def qkv(
+        self, x: torch.Tensor, rope: torch.Tensor | None = None, float32: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries, keys and values of the positions ``x`` (B, T, C): three (B, H, T, D).
+
+        ``c_attn``, split into heads, QK-norm, rotary positions: the one place they are made,
+        for the forward (and so for the engine's decode steps) and for ``attention_maps``.
+        ``float32`` makes them in float32 whatever the dtype of ``c_attn``'s output.
+        """
+        B, T, C = x.shape
+        H = self.n_head
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if float32:
+            qkv = qkv.float()
+        # (B, T, 3C) -> three (B, T, H, D): every head attends independently.
+        q, k, v = qkv.view(B, T, 3, H, C // H).unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -121,18 +112,8 @@ class MultiHeadAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        H = self.n_head
-        qkv = self.c_attn(x)  # (B, T, 3C)
-        upcast = attention_in_float32(qkv)
-        if upcast:
-            qkv = qkv.float()
-        # (B, T, 3C) -> three (B, T, H, D): every head attends independently.
-        q, k, v = qkv.view(B, T, 3 * H, C // H).split(H, dim=2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        upcast = attention_in_float32(x)
+        q, k, v = self.qkv(x, rope, float32=upcast)  # (B, H, T, D) each
         mask = None
         if cache is not None:
             # Store this step's keys and values; attend over everything cached so far, (B, H, L, D).
@@ -149,7 +130,7 @@ class MultiHeadAttention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 is_causal=self.causal and mask is None and T == k.size(2),
             )  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side, like torch.cat
+        y = y.transpose(1, 2).reshape(B, T, C)  # the heads side by side, like torch.cat
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -274,8 +255,3 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
         return logits, loss
-
-
-# The names these classes had before they were named after the lecture's.
-CausalSelfAttention = MultiHeadAttention
-MLP = FeedForward

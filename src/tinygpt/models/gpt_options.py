@@ -4,7 +4,8 @@ Each option is chosen once, when the model is built, through the small helpers b
 normalisation (``make_norm``), which feed-forward nonlinearity (``activation``), rotary positions
 (``rope_rotations`` / ``apply_rope``), zero-initialisation and a tied head (``init_weights``),
 the logit soft-cap (``soft_cap``) and the float32 attention under CPU bfloat16 autocast
-(``attention_in_float32``). ``check_config`` validates a ``GPTConfig``.
+(``attention_in_float32``). The values each option may take, and their checks, are in
+``tinygpt.models.config``.
 """
 
 from __future__ import annotations
@@ -13,58 +14,14 @@ import contextlib
 import math
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from tinygpt.models.gpt import GPTConfig
+from tinygpt.models.config import GPTConfig
 
-POS_EMBEDDINGS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-QK_NORMS = ("none", *NORMS)
-MLPS = ("gelu", "gelu_tanh", "relu2", "swiglu")  # gelu_tanh: GPT-2's tanh approximation of GELU
 ROPE_BASE = 10000.0  # the wavelength of the slowest-turning pair grows up to 2 pi * base
-
-
-def check_config(c: GPTConfig) -> None:
-    """Raise ``ValueError`` with an actionable message for an impossible configuration."""
-    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-        value = getattr(c, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if c.n_embd % c.n_head:
-        raise ValueError(
-            f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); "
-            f"try n_embd={c.n_head * max(1, round(c.n_embd / c.n_head))}"
-        )
-    for name in ("dropout", "attn_dropout"):
-        p = getattr(c, name)
-        if p is None and name == "attn_dropout":
-            continue
-        if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-            raise ValueError(f"{name} must be in [0, 1), got {p!r}")
-    for name, allowed in (("pos_embedding", POS_EMBEDDINGS), ("norm", NORMS), ("qk_norm", QK_NORMS),
-                          ("mlp", MLPS)):
-        if getattr(c, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(c, name)!r}")
-    cap = c.logit_softcap
-    if cap is not None and (
-        isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < math.inf
-    ):
-        raise ValueError(f"logit_softcap must be a positive number (or None), got {cap!r}")
-    if c.pos_embedding == "rope" and (c.n_embd // c.n_head) % 2:
-        raise ValueError(
-            f"rope rotates channel pairs, so the head size n_embd / n_head must be even; "
-            f"got {c.n_embd} / {c.n_head} = {c.n_embd // c.n_head}"
-        )
-    if c.zero_init and c.tie_embeddings:
-        raise ValueError(
-            "zero_init and tie_embeddings do not go together (the tied head is the embedding "
-            "table, which cannot start at zero); drop one of them"
-        )
 
 
 # --------------------------------------------------------------------------- rotary positions
@@ -86,12 +43,13 @@ def rope_rotations(head_size: int, n_pos: int, base: float = ROPE_BASE) -> torch
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate the channel pairs (x[..., 2i], x[..., 2i + 1]) of ``x`` (B, T, H, D) by ``rot``.
 
-    ``rot`` is (T, 1, D/2) or (B, T, 1, D/2) (see ``rope_rotations``). Read each pair as one
-    complex number: multiplying by e^(i angle) turns it by that angle, in a single operation.
-    Rotating both q (at position m) and k (at position n) makes q.k depend on m - n only: the
-    dot product of two rotated vectors depends on the difference of their angles.
+    ``rot`` is (T, 1, D/2) or (B, T, 1, D/2) (see ``rope_rotations``): each position's rotation,
+    the same for every head. Read each pair as one complex number: multiplying by e^(i angle)
+    turns it by that angle, in a single operation. Rotating both q (at position m) and k (at
+    position n) makes q.k depend on m - n only: the dot product of two rotated vectors depends
+    on the difference of their angles.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., D/2) complex
+    pairs = torch.view_as_complex(x.float().view(*x.shape[:-1], -1, 2))  # (..., D/2) complex
     return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
@@ -131,16 +89,21 @@ def ffn_width(kind: str, n_embd: int) -> int:
 # ------------------------------------------------------------------------ precision and logits
 
 
-def attention_in_float32(qkv: torch.Tensor) -> bool:
-    """Under bfloat16 autocast on a CPU, attention itself runs in float32: the CPU flash kernel's
-    bf16 backward is several times slower than its float32 one, and attention is a small share
-    of the FLOPs. (Elsewhere, and in float32 runs, nothing changes.)"""
-    return qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu"
+def attention_in_float32(x: torch.Tensor) -> bool:
+    """Whether attention on the activations ``x`` runs in float32: under bfloat16 autocast on a
+    CPU it does, because the CPU flash kernel's bf16 backward is several times slower than its
+    float32 one, and attention is a small share of the FLOPs. (Elsewhere, and in float32 runs,
+    nothing changes.)"""
+    return (x.is_cpu and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+_UNCHANGED = contextlib.nullcontext()
 
 
 def autocast_off(off: bool):
     """A context that turns CPU autocast off when ``off``, else does nothing."""
-    return torch.autocast("cpu", enabled=False) if off else contextlib.nullcontext()
+    return torch.autocast("cpu", enabled=False) if off else _UNCHANGED
 
 
 def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
