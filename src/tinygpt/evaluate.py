@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinygpt.models.modes import eval_mode
 from tinygpt.tokenizer import Tokenizer
 
 
@@ -36,11 +37,9 @@ def evaluate_tokens(
     n = len(tokens) - 1  # number of predictions
     if n < 1:
         raise ValueError("need at least two tokens to evaluate")
-    was_training = model.training
-    model.eval()
     total = 0.0
     n_full = n // block_size
-    try:
+    with eval_mode(model):
         starts = np.arange(n_full) * block_size
         offsets = np.arange(block_size + 1)
         for i in range(0, n_full, batch_size):
@@ -51,8 +50,6 @@ def evaluate_tokens(
         if tail:
             last = np.asarray(tokens[n_full * block_size :], dtype=np.int64)
             total += _sum_loss(model, torch.from_numpy(last)[None, :].to(device))
-    finally:
-        model.train(was_training)
     loss = total / n
     chars = n if tokenizer is None else count_chars(tokenizer, tokens[1:])
     return {"val_loss": loss, "bits_per_char": total / max(chars, 1) / math.log(2), "tokens": n,

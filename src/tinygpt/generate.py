@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from tinygpt.models.modes import eval_mode
 from tinygpt.sampling import SamplingConfig
 
 __all__ = ["SamplingConfig", "default_window_shift", "filter_logits", "generate_tokens",
@@ -117,9 +118,7 @@ def generate_tokens(
     if block_size is not None:
         shift = window_shift or default_window_shift(block_size)
         start = max(0, idx.size(1) - block_size)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(max_new_tokens):
             if block_size is None:
                 context = idx
@@ -130,8 +129,6 @@ def generate_tokens(
             nxt = sample_next(logits[:, -1, :], sampling, generator)  # (B,)
             idx = torch.cat([idx, nxt[:, None]], dim=1)
             yield nxt
-    finally:
-        model.train(was_training)
 
 
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:

@@ -21,6 +21,7 @@ import torch
 
 from tinygpt.engine import Engine
 from tinygpt.generate import slide_window
+from tinygpt.models.modes import eval_mode
 
 
 def token_texts(tokenizer, vocab_size: int) -> list[str]:
@@ -71,14 +72,10 @@ def prompt_logits(engine: Engine, ids: Sequence[int]) -> torch.Tensor:
     for n in range(1, len(ids)):  # predict ids[n] from ids[:n]
         start = slide_window(start, n, bs, shift)
         windows.setdefault(start, [n, n])[1] = n
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start, (first, last) in windows.items():
             logits, _ = model(idx[None, start:last])  # (1, last - start, V); j predicts start+j+1
             out[first - 1 : last] = logits[0, first - 1 - start :].float().cpu()
-    finally:
-        model.train(was_training)
     return out
 
 

@@ -23,7 +23,6 @@ import argparse
 import math
 from dataclasses import dataclass, field, fields
 
-
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TEMPERATURE = 2.0
 FLOAT32_TINY = 2.0**-126  # float32's smallest normal number (torch.finfo(torch.float32).tiny)

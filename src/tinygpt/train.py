@@ -47,6 +47,7 @@ from tinygpt.distributed import (
 )
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
+from tinygpt.models.modes import eval_mode
 from tinygpt.optim import batch_size_at, lr_factor, tokens_seen
 from tinygpt.runs import (
     Run,
@@ -256,10 +257,8 @@ def estimate_loss(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]]) ->
     """Mean loss over fixed batches, in eval mode (no dropout); the processes of a torchrun job
     share the batches and add up their results."""
     model, env = run.model, run.dist
-    was_training = model.training
-    model.eval()
-    losses = [model(x, y)[1].item() for x, y in batches[env.rank::env.world_size]]
-    model.train(was_training)
+    with eval_mode(model):
+        losses = [model(x, y)[1].item() for x, y in batches[env.rank::env.world_size]]
     total, count = sum_all(env, [sum(losses), len(losses)], run.device)
     return total / count
 

@@ -126,7 +126,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = args.num_samples
     pieces = stream(
         ckpt.model, ckpt.tokenizer, args.prompt, settings.max_tokens, settings.sampling,
-        num_samples=n, seed=seed, stop=settings.stop, use_cache=args.use_cache, window_shift=args.window_shift,
+        num_samples=n, seed=seed, stop=settings.stop, use_cache=args.use_cache,
+        window_shift=args.window_shift,
     )
     chars = _print_samples(out, pieces, args.prompt, n)
     if args.verbose:

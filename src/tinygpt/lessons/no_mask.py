@@ -23,6 +23,7 @@ from tinygpt.data import Corpus
 from tinygpt.files import write_json
 from tinygpt.lessons.training import Hyper, sample_text, train_model
 from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.models.modes import eval_mode
 
 MODEL = dict(block_size=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
 DEFAULT_STEPS = 600
@@ -44,10 +45,8 @@ def reported_loss(
     """The usual loss: one forward pass over each window, every position scored at once (what
     training reports). Uses the same windows as ``honest_loss``."""
     windows = _windows(tokens, block_size, n_windows, seed)
-    was_training = model.training
-    model.eval()
-    logits, _ = model(windows[:, :-1])  # (n, T, V)
-    model.train(was_training)
+    with eval_mode(model):
+        logits, _ = model(windows[:, :-1])  # (n, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten()).item()
 
 
@@ -62,13 +61,11 @@ def honest_loss(
     ``block_size`` forward passes instead of one: that is the price of not trusting the mask.
     """
     windows = _windows(tokens, block_size, n_windows, seed)
-    was_training = model.training
-    model.eval()
     total = 0.0
-    for t in range(1, block_size + 1):
-        logits, _ = model(windows[:, :t])  # (n, t, V): the model sees t characters, no more
-        total += F.cross_entropy(logits[:, -1].float(), windows[:, t], reduction="sum").item()
-    model.train(was_training)
+    with eval_mode(model):
+        for t in range(1, block_size + 1):
+            logits, _ = model(windows[:, :t])  # (n, t, V): the model sees t characters, no more
+            total += F.cross_entropy(logits[:, -1].float(), windows[:, t], reduction="sum").item()
     return total / (n_windows * block_size)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tinygpt.data import Corpus
 from tinygpt.evaluate import evaluate_tokens
+from tinygpt.models.modes import eval_mode
 
 
 @dataclass
@@ -60,17 +61,15 @@ class Trained:
 @torch.no_grad()
 def estimate_loss(model: nn.Module, corpus: Corpus, hp: Hyper, seed: int) -> dict[str, float]:
     """Mean loss over ``eval_iters`` random batches of each split (same batches every call)."""
-    was_training = model.training
-    model.eval()
     out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(seed)
-        losses = [
-            model(*corpus.get_batch(split, hp.batch_size, hp.block_size, gen))[1].item()
-            for _ in range(hp.eval_iters)
-        ]
-        out[split] = sum(losses) / len(losses)
-    model.train(was_training)
+    with eval_mode(model):  # no dropout while measuring
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(seed)
+            losses = [
+                model(*corpus.get_batch(split, hp.batch_size, hp.block_size, gen))[1].item()
+                for _ in range(hp.eval_iters)
+            ]
+            out[split] = sum(losses) / len(losses)
     return out
 
 
@@ -125,14 +124,12 @@ def generate(
 ) -> torch.Tensor:
     """The lecture's ``generate``: extend ``idx`` (B, T) one sampled token at a time, looking at
     the last ``block_size`` tokens (the most a model with position embeddings can see)."""
-    was_training = model.training
-    model.eval()
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -block_size:])  # (B, T, V)
-        probs = F.softmax(logits[:, -1, :].float(), dim=-1)  # (B, V): the last position's guess
-        idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-        idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
-    model.train(was_training)
+    with eval_mode(model):
+        for _ in range(max_new_tokens):
+            logits, _ = model(idx[:, -block_size:])  # (B, T, V)
+            probs = F.softmax(logits[:, -1, :].float(), dim=-1)  # (B, V): the last position's guess
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
     return idx
 
 
