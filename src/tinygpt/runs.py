@@ -48,7 +48,7 @@ from tinygpt.checkpoint import (
 )
 from tinygpt.config import INIT_SOURCE, SETTINGS, TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
-from tinygpt.device import autocast_dtype, mps_available, pick_device
+from tinygpt.device import autocast_dtype, compile_supported, mps_available, pick_device
 from tinygpt.distributed import SINGLE, DistEnv
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.files import write_json
@@ -491,7 +491,10 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
 
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     forward = ddp or model
-    forward = torch.compile(forward) if cfg.run.compile else forward
+    if cfg.run.compile and not compile_supported(device):
+        warn(f"--compile is not used on {device.type}: PyTorch's compiler backend for it is a "
+             f"prototype; training runs the model uncompiled")
+    forward = torch.compile(forward) if cfg.run.compile and compile_supported(device) else forward
     return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer,
                autocast_dtype(cfg.run.dtype, device), _eval_batches(cfg, corpus, device), base_state,
                init, log, dist_env, ddp)
