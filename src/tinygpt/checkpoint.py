@@ -15,6 +15,11 @@ A run directory (checkpoint format 3) looks like::
       last -> step-001000      symbolic links, switched atomically once a step folder is complete
       best -> step-000500      (the lowest val loss so far)
 
+Where symbolic links cannot be made (Windows without developer mode or admin rights), ``last`` and
+``best`` are small pointer files instead, each holding the name of its step folder on one line
+(``step-001000``), replaced atomically like the links. ``link_target`` reads either kind (and the
+real ``last`` folder of format 1); every reader of a run goes through it.
+
 Saving writes every file into a fresh hidden folder (``.step-001000.partial-XXXX``): each file
 goes to a temporary name, is flushed, fsynced and renamed; ``manifest.json`` comes last and is the
 commit marker. The folder is then fsynced and renamed to ``step-001000``, the run directory is
@@ -244,18 +249,97 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+LINK_NAMES = ("last", "best")  # the run directory's links (or pointer files) to step folders
+_POINTER_MAX_BYTES = 256  # a pointer file holds one step folder's name
+
+
 def point_link(run_dir: Path, name: str, target: str) -> None:
-    """Make ``run_dir/name`` a symbolic link to ``target`` (atomically replacing the old one)."""
-    link = run_dir / name
-    if link.exists() and not link.is_symlink():  # a real folder (format 1): leave it alone
+    """Point ``run_dir/name`` at the step folder ``target``, atomically replacing what was there.
+
+    A symbolic link where the platform lets this process make one; otherwise a pointer file
+    holding ``target`` (see the module docstring). A real folder of that name (format 1) is left
+    alone.
+    """
+    link = Path(run_dir) / name
+    if link.is_dir() and not link.is_symlink():
         return
-    tmp = run_dir / f".{name}.link-{os.getpid()}"
+    tmp = link.with_name(f".{name}.link-{os.getpid()}")
     try:
-        tmp.unlink(missing_ok=True)
+        _remove_entry(tmp)
         os.symlink(target, tmp, target_is_directory=True)
         os.replace(tmp, link)
-    except OSError:  # no symbolic links here: the loader finds checkpoints without them
-        tmp.unlink(missing_ok=True)
+        return
+    except OSError:  # no symbolic links here (or none over this entry): a pointer file
+        _remove_entry(tmp)
+    if link.is_symlink():  # Windows does not rename a file over a link to a folder
+        _remove_entry(link)
+    atomic_write(link, lambda tmp: Path(tmp).write_text(target + "\n", encoding="utf-8"))
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove a file, a pointer file or a symbolic link (Windows removes links to folders with
+    ``rmdir``); never a real folder."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if path.is_symlink():
+            os.rmdir(path)
+        elif path.exists() and not path.is_dir():
+            raise
+
+
+def remove_link(run_dir: Path, name: str) -> None:
+    """Remove the link or pointer file ``run_dir/name`` if there is one (a real folder stays)."""
+    link = Path(run_dir) / name
+    if link.is_symlink() or link.is_file():
+        _remove_entry(link)
+
+
+def read_pointer(path: Path) -> str | None:
+    """The step folder name a pointer file holds, or None if ``path`` is not a pointer file."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _POINTER_MAX_BYTES:
+            return None
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if STEP_DIR.fullmatch(text) else None
+
+
+def resolve_link(path: Path) -> Path | None:
+    """The folder ``path`` stands for: the target of a symbolic link, the step folder a pointer
+    file names, a real folder itself; None when it stands for no existing folder."""
+    path = Path(path)
+    if path.is_symlink():
+        target = path.parent / os.readlink(path)
+    elif path.is_dir():
+        return path
+    else:
+        name = read_pointer(path)
+        if name is None:
+            return None
+        target = path.parent / name
+    return target if target.is_dir() else None
+
+
+def link_target(run_dir: Path, name: str) -> Path | None:
+    """The checkpoint folder ``run_dir/name`` (``last`` or ``best``) points at, or None."""
+    return resolve_link(Path(run_dir) / name)
+
+
+def resolve_run_path(path: Path) -> Path:
+    """A path given to a reader (sample, eval, serve, export, ``--resume``, ``--init-from``):
+    ``RUN_DIR/best`` or ``RUN_DIR/last`` as a pointer file becomes the step folder it names, as a
+    symbolic link would; anything else is returned as it is."""
+    path = Path(path)
+    if read_pointer(path) is not None:
+        target = resolve_link(path)
+        if target is not None:
+            return target
+    return path
 
 
 def list_step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -317,7 +401,7 @@ def sweep_partials(run_dir: Path) -> list[Path]:
         n = p.name
         if n.startswith(".step-") and ".partial-" in n or n.startswith(".trash-") or (
             n.startswith((".last.link-", ".best.link-"))
-        ) or (n.startswith(".metrics.jsonl.") and n.endswith(".tmp")):
+        ) or (n.startswith((".metrics.jsonl.", ".last.", ".best.")) and n.endswith(".tmp")):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
@@ -496,10 +580,9 @@ def _candidates(run_dir: Path, which: str) -> list[Path]:
               and not (run_dir / n).is_symlink()]
     order = steps + legacy
     if which == "best":
-        best = run_dir / "best"
-        if best.is_dir():
-            target = run_dir / os.readlink(best) if best.is_symlink() else best
-            order = [target] + order
+        best = link_target(run_dir, "best")
+        if best is not None:
+            order = [best] + order
     out, seen = [], set()
     for p in order:
         key = p.resolve()
@@ -537,7 +620,7 @@ def find_checkpoint(run_dir: Path, which: str = "best", warn: Warn | None = None
 
     ``best`` falls back to ``last``; ``last`` is the newest step folder that verifies.
     """
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_path(Path(run_dir))
     if not run_dir.is_dir():
         raise TinyGPTError(f"no such run directory: {run_dir}")
 
@@ -575,7 +658,7 @@ def load_checkpoint(
 
     Every candidate is verified against its manifest; a damaged one is skipped with a warning.
     """
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_path(Path(run_dir))
     if not run_dir.is_dir():
         raise TinyGPTError(f"no such run directory: {run_dir}")
 
@@ -592,7 +675,7 @@ def load_checkpoint(
 
 def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> TrainingCheckpoint:
     """The newest complete checkpoint of a run with its optimizer and random states."""
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_path(Path(run_dir))
     if not run_dir.is_dir():
         raise TinyGPTError(f"no such run directory: {run_dir}")
     if (run_dir / MANIFEST).exists():

@@ -5,12 +5,19 @@ name gives the same one-line error everywhere. ``native_bf16`` is the one place 
 whether bfloat16 pays on a device: ``--dtype auto`` and Muon's Newton-Schulz iterations both ask
 it. On a CPU without AMX or AVX512-BF16 (most laptops: AVX2 only) a bf16 matrix product is
 emulated and runs tens of times slower than float32, so the answer there must be *no*.
+
+Apple's MPS takes the paths known to work there (docs/devices.md has the table of what each
+device supports and what has run on real hardware): float32 unless a mixed precision is asked for
+and this PyTorch and macOS autocast it (``mps_autocast_dtype``), no ``torch.compile``
+(``compile_supported``), and sampling draws on the CPU (``draw_device``): ``torch.multinomial``
+on MPS has returned tokens of probability zero.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import re
 
 import torch
@@ -102,6 +109,56 @@ def native_bf16(device: torch.device | str) -> bool:
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``--dtype name`` on ``device``; None means plain float32."""
+    if torch.device(device).type == "mps":
+        return mps_autocast_dtype(name)
     if name == "bfloat16" or (name == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None
+
+
+# ---------------------------------------------------------------------------------- Apple's MPS
+
+# The first PyTorch that autocasts each dtype on MPS and trains with it (float16 needs the gradient
+# scaler, which reached MPS later), and the first macOS with bfloat16 on the GPU.
+MPS_AUTOCAST_TORCH = {"bfloat16": (2, 6), "float16": (2, 8)}
+MPS_BF16_MACOS = (14, 0)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:2])
+
+
+def mps_autocast_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype for ``--dtype name`` on MPS: float32 (None) for ``auto`` -- no MPS
+    multiplies bfloat16 faster than float32 -- and a one-line error for a mixed precision this
+    PyTorch or macOS cannot autocast there (PyTorch would otherwise warn and quietly run float32)."""
+    if name in ("auto", "float32"):
+        return None
+    need = MPS_AUTOCAST_TORCH.get(name)
+    if need is None:
+        raise TinyGPTError(f"unknown --dtype {name!r}")
+    if _version(torch.__version__) < need:
+        raise TinyGPTError(
+            f"--dtype {name} on MPS needs PyTorch {'.'.join(map(str, need))} or newer (this is "
+            f"{torch.__version__}); upgrade PyTorch or use --dtype float32"
+        )
+    mac = platform.mac_ver()[0]
+    if name == "bfloat16" and mac and _version(mac) < MPS_BF16_MACOS:
+        raise TinyGPTError(
+            f"--dtype bfloat16 on MPS needs macOS 14 or newer (this is {mac}); use --dtype float32"
+        )
+    return torch.bfloat16 if name == "bfloat16" else torch.float16
+
+
+def compile_supported(device: torch.device | str) -> bool:
+    """Whether ``--compile`` compiles on ``device``: not on MPS, where PyTorch's compiler backend
+    is still a prototype (training there runs the model as it is, with a warning)."""
+    return torch.device(device).type != "mps"
+
+
+def draw_device(device: torch.device | str) -> torch.device:
+    """Where sampling draws its random tokens for logits on ``device``: the device itself, except
+    MPS, whose ``torch.multinomial`` has drawn tokens of probability zero -- there the draw is on
+    the CPU (a (B, V) copy per token; the model still runs on the GPU)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device

@@ -96,6 +96,9 @@ def setup(device_name: str) -> tuple[DistEnv, str]:
         torch.cuda.set_device(env.local_rank)
     elif device_name == "auto":
         device_name = "cpu"
+    elif device_name == "mps":  # gloo and nccl exchange CPU or CUDA tensors only
+        raise TinyGPTError("a torchrun job cannot train on MPS; pass --device cpu (or train "
+                           "without torchrun on MPS)")
     if device_name == "cpu":
         # torchrun leaves one thread per process; this rank's share of the cores is better.
         torch.set_num_threads(max(1, usable_cpus() // env.local_world_size))

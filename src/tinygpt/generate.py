@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from tinygpt.device import draw_device
 from tinygpt.models.modes import eval_mode
 from tinygpt.sampling import SamplingConfig
 
@@ -62,7 +63,9 @@ def sample_next(
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature  # (B, V), max 0
     logits = filter_logits(logits, sampling.top_k, sampling.top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    where = generator.device if generator is not None else draw_device(probs.device)
+    token = torch.multinomial(probs.to(where), num_samples=1, generator=generator)  # (B, 1)
+    return token.squeeze(-1).to(logits.device)
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # category Cc except \t and \n
@@ -134,7 +137,7 @@ def generate_tokens(
 def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded with ``seed`` modulo 2**64 (torch's seed range; the
     same draws as ``manual_seed(seed)`` for every seed torch takes), or randomly when None."""
-    g = torch.Generator(device=device)
+    g = torch.Generator(device=draw_device(device))  # where sample_next draws (CPU for MPS)
     if seed is None:
         g.seed()
     else:

@@ -32,20 +32,23 @@ import torch.nn as nn
 
 from tinygpt import distributed
 from tinygpt.checkpoint import (
+    LINK_NAMES,
     Checkpoint,
     TrainingCheckpoint,
     Warn,
     atomic_write,
+    link_target,
     list_step_dirs,
     load_checkpoint,
     point_link,
     prune_checkpoints,
+    remove_link,
     step_dir_name,
     sweep_partials,
 )
 from tinygpt.config import INIT_SOURCE, SETTINGS, TrainConfig
 from tinygpt.data import BUILTIN_DATASETS, Corpus, load_corpus
-from tinygpt.device import autocast_dtype, mps_available, pick_device
+from tinygpt.device import autocast_dtype, compile_supported, mps_available, pick_device
 from tinygpt.distributed import SINGLE, DistEnv
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.files import write_json
@@ -137,26 +140,77 @@ def restore_rng(state: dict) -> None:
 # ---------------------------------------------------------------------------- the run directory
 
 
+LOCK_FILE = ".lock"
+_LOCK_BYTE = 1 << 20  # msvcrt locks this byte, past the pid (a Windows lock bars reading too)
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``RUN_DIR/.lock`` so that two processes never write checkpoints into one run."""
+    """Hold ``RUN_DIR/.lock`` so that two processes never write checkpoints into one run.
+
+    The lock is the operating system's: ``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows.
+    The kernel drops it when its process ends, however it ends (an exception, SIGKILL, a power
+    cut), so a lock is never stale and nothing has to guess whether a recorded owner still runs
+    -- a guess that reused process ids, or one run directory seen from two machines, would get
+    wrong. The file holds the owner's pid, for the message a second process gets.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        import fcntl
-    except ImportError:  # no advisory locks on this platform
-        yield
-        return
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        release = _lock(fd)
+        if release is None:
             raise TinyGPTError(
-                f"another tinygpt process is training in {run_dir}; wait for it or stop it first"
-            ) from None
+                f"another tinygpt process is training in {run_dir}{_lock_owner(fd)}; wait for it "
+                f"or stop it first"
+            )
         try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid():<20}\n".encode())  # fixed width: no truncation needed
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            release()
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int) -> Callable[[], None] | None:
+    """Take the lock on the open file ``fd`` without waiting: the function that releases it, or
+    None if another process holds it. A platform with neither lock runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None
+        return lambda: fcntl.flock(fd, fcntl.LOCK_UN)
+    try:
+        import msvcrt
+    except ImportError:
+        return lambda: None
+    os.lseek(fd, _LOCK_BYTE, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return None
+
+    def release() -> None:
+        os.lseek(fd, _LOCK_BYTE, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+    return release
+
+
+def _lock_owner(fd: int) -> str:
+    """`` (pid N)``, the owner the lock file records, or nothing if it cannot be read."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = int(os.read(fd, 32).split()[0])
+    except (OSError, ValueError, IndexError):
+        return ""
+    return f" (pid {pid})"
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -171,6 +225,8 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     for p in existing:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
+        elif p.name in LINK_NAMES:
+            remove_link(run_dir, p.name)
         else:
             p.unlink()
     sweep_partials(run_dir)
@@ -221,11 +277,10 @@ def prepare_resume_dir(
             warn(f"moved the unusable checkpoint {p} aside to {dest.name}")
     point_link(run_dir, "last", ckpt.path.name)
     best_step = ckpt.state.get("best_step")
-    best = run_dir / "best"
     if best_step is not None and (run_dir / step_dir_name(best_step)).is_dir():
         point_link(run_dir, "best", step_dir_name(best_step))
-    elif best.is_symlink() and not best.exists():
-        best.unlink()
+    elif link_target(run_dir, "best") is None:
+        remove_link(run_dir, "best")  # it pointed at a folder that is gone
     protect = {ckpt.step} if best_step is None else {ckpt.step, best_step}
     prune_checkpoints(run_dir, keep, protect)
     truncate_metrics(run_dir / "metrics.jsonl", ckpt.step,
@@ -436,7 +491,10 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
 
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     forward = ddp or model
-    forward = torch.compile(forward) if cfg.run.compile else forward
+    if cfg.run.compile and not compile_supported(device):
+        warn(f"--compile is not used on {device.type}: PyTorch's compiler backend for it is a "
+             f"prototype; training runs the model uncompiled")
+    forward = torch.compile(forward) if cfg.run.compile and compile_supported(device) else forward
     return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer,
                autocast_dtype(cfg.run.dtype, device), _eval_batches(cfg, corpus, device), base_state,
                init, log, dist_env, ddp)

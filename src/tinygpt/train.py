@@ -371,7 +371,7 @@ def _announce(run: Run, state: LoopState, resume: TrainingCheckpoint | None) -> 
             f"and schedule")
     if run.amp_dtype is not None:
         log("mixed precision: bfloat16 matrix products, float32 weights and optimizer")
-    if cfg.run.compile:
+    if run.forward is not (run.ddp or run.model):
         log("compiling the model with torch.compile: the first step takes a while")
     if resume is not None:
         log(f"resuming from {resume.path} at step {state.step}")

@@ -1,0 +1,66 @@
+"""The notebook's first cell: it installs tinygpt only where it is missing, and from where."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "course.ipynb"
+
+
+def install_cell() -> str:
+    nb = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    return "".join(nb["cells"][1]["source"])
+
+
+@pytest.fixture
+def pip_calls(monkeypatch):
+    """Run the cell as where tinygpt is missing; the pip commands it would run are recorded."""
+    calls: list[list[str]] = []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tinygpt" else real(name, *a))
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.delenv("TINYGPT_SOURCE", raising=False)
+    monkeypatch.delenv("TINYGPT_REPOSITORY", raising=False)
+    return calls
+
+
+def run_cell(cwd: Path, monkeypatch) -> None:
+    monkeypatch.chdir(cwd)
+    exec(compile(install_cell(), "course.ipynb[1]", "exec"), {"__name__": "__main__"})
+
+
+def test_a_checkout_around_the_notebook_is_installed(pip_calls, tmp_path, monkeypatch):
+    checkout = tmp_path / "tinygpt"
+    (checkout / "src" / "tinygpt").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("", encoding="utf-8")
+    (checkout / "docs" / "notebooks").mkdir(parents=True)
+    run_cell(checkout / "docs" / "notebooks", monkeypatch)
+    assert [c[-4:] for c in pip_calls] == [["pip", "install", "-q", str(checkout)]]
+
+
+def test_without_a_checkout_the_repository_address_is_installed(pip_calls, tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_REPOSITORY", "https://example.org/tinygpt.git")
+    run_cell(tmp_path, monkeypatch)
+    assert pip_calls[0][-1] == "git+https://example.org/tinygpt.git"
+    monkeypatch.setenv("TINYGPT_SOURCE", str(tmp_path / "tinygpt-0.1.0-py3-none-any.whl"))
+    run_cell(tmp_path, monkeypatch)
+    assert pip_calls[1][-1] == str(tmp_path / "tinygpt-0.1.0-py3-none-any.whl")
+
+
+def test_with_nothing_to_install_from_it_says_what_to_do(pip_calls, tmp_path, monkeypatch):
+    with pytest.raises(RuntimeError, match="set REPOSITORY in this cell"):
+        run_cell(tmp_path, monkeypatch)
+    assert pip_calls == []
+
+
+def test_where_tinygpt_is_installed_the_cell_installs_nothing(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd) or 0)
+    run_cell(tmp_path, monkeypatch)
+    assert calls == []
