@@ -67,12 +67,12 @@ def url_of(sock: socket.socket) -> str:
 
 
 def uvicorn_config(app, limits: ServeLimits, access_log: bool = False, *,
-                   report_every: float = 10.0, graceful_s: float = 5) -> uvicorn.Config:
+                   watch: Watch | None = None, graceful_s: float = 5) -> uvicorn.Config:
     """How uvicorn runs ``app``: on h11 with tinygpt's connection guards (deadlines for receiving
-    a request, a per-client cap, strict parsing: ``tinygpt.serve.connection``), never websockets;
-    the guards' tally is logged at most every ``report_every`` seconds."""
+    a request, a per-client cap, strict parsing: ``tinygpt.serve.connection``; ``watch`` holds
+    their tally), never websockets."""
     return uvicorn.Config(
-        app, http=protocol_factory(Watch(limits, report_every)), ws="none",
+        app, http=protocol_factory(watch or Watch(limits)), ws="none",
         log_level="info" if access_log else "warning", access_log=access_log,
         limit_concurrency=limits.max_connections, timeout_graceful_shutdown=graceful_s,
         server_header=False,
