@@ -84,13 +84,27 @@ class Server:
 
 
 class Trickles:
-    """What happened to the trickling connections."""
+    """What happened to one kind of trickling connection."""
 
     def __init__(self) -> None:
-        self.lives: list[float] = []  # seconds, of connections the server closed
-        self.answers: Counter = Counter()  # the server's status line (or "none") when it closed
-        self.open_at_end: list[float] = []
+        self.closed: list[tuple[str, float]] = []  # (the server's status line, seconds lived)
+        self.open_at_end: list[float] = []  # seconds lived
         self.failed_connects = 0
+
+    def summary(self) -> dict:
+        by_answer: dict[str, list[float]] = {}
+        for answer, life in self.closed:
+            by_answer.setdefault(answer, []).append(life)
+        return {
+            "connections": len(self.closed) + len(self.open_at_end),
+            "closed_by_server": {
+                answer: {"count": len(lives), "life_median_s": round(percentile(lives, 50), 2),
+                         "life_max_s": round(max(lives), 2)}
+                for answer, lives in sorted(by_answer.items())},
+            "open_at_end": len(self.open_at_end),
+            "open_at_end_age_max_s": round(max(self.open_at_end, default=float("nan")), 1),
+            "failed_connects": self.failed_connects,
+        }
 
 
 async def trickle(port: int, address: str, head: bytes, line: bytes, interval: float,
@@ -125,9 +139,8 @@ async def trickle(port: int, address: str, head: bytes, line: bytes, interval: f
                 return
         except OSError:  # reset by the server
             pass
-        stats.lives.append(time.monotonic() - start)
-        status = answer.split(b"\r\n", 1)[0].decode("latin-1") if answer else "none"
-        stats.answers[status] += 1
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1") if answer else "no answer"
+        stats.closed.append((status, time.monotonic() - start))
         writer.close()
         await asyncio.sleep(interval)
 
@@ -161,13 +174,13 @@ def percentile(values: list[float], q: float) -> float:
 async def attack(server: Server, args) -> dict:
     port, interval = server.port, args.interval
     until = time.monotonic() + args.duration
-    stats = Trickles()
+    heads, bodies = Trickles(), Trickles()
     head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     body_head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                  b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
-    slow = [asyncio.create_task(trickle(port, SLOW_ADDRESS, head, b"X-Slow: 1\r\n", interval, until, stats))
+    slow = [asyncio.create_task(trickle(port, SLOW_ADDRESS, head, b"X-Slow: 1\r\n", interval, until, heads))
             for _ in range(args.slow)]
-    slow += [asyncio.create_task(trickle(port, BODY_ADDRESS, body_head, b" ", interval, until, stats))
+    slow += [asyncio.create_task(trickle(port, BODY_ADDRESS, body_head, b" ", interval, until, bodies))
              for _ in range(args.bodies)]
     await asyncio.sleep(min(3.0, args.duration / 4))  # let them connect
     peak = {"fds": server.fds(), "rss_mib": server.rss_mib()}
@@ -178,23 +191,13 @@ async def attack(server: Server, args) -> dict:
     await asyncio.gather(*slow)
     ok = statuses.get(200, 0)
     total = sum(statuses.values())
-    closed = [t for t in stats.lives if t >= 1.0]
     return {
         "honest": {"requests": total, "ok": ok, "success_rate": round(ok / max(total, 1), 4),
                    "statuses": {str(k): v for k, v in statuses.items()},
                    "p50_s": round(percentile(latencies, 50), 3),
                    "p99_s": round(percentile(latencies, 99), 3)},
-        "trickling": {
-            "connections": len(stats.lives) + len(stats.open_at_end),
-            "refused_within_1s": len(stats.lives) - len(closed),
-            "closed_by_server_after_1s": len(closed),
-            "closed_life_median_s": round(percentile(closed, 50), 1),
-            "closed_life_max_s": round(max(closed, default=float("nan")), 1),
-            "open_at_end": len(stats.open_at_end),
-            "open_at_end_age_max_s": round(max(stats.open_at_end, default=float("nan")), 1),
-            "answers": dict(stats.answers.most_common(6)),
-            "failed_connects": stats.failed_connects,
-        },
+        "trickled_headers": heads.summary(),
+        "trickled_bodies": bodies.summary(),
         "peak": peak,
     }
 
