@@ -42,6 +42,7 @@ REFUSED = {
     "folded header (tab)": POST + b"X-Note: one\r\n\ttwo\r\nContent-Length: %d\r\n\r\n" % len(BODY)
         + BODY,
     "two different content-lengths": POST + b"Content-Length: 3\r\nContent-Length: 5\r\n\r\nabcde",
+    "transfer-encoding other than chunked": POST + b"Transfer-Encoding: gzip\r\n\r\n" + BODY,
 }
 
 
