@@ -167,3 +167,18 @@ def test_slow_connections_are_logged_in_one_line(guarded):
     lines = [r for r in records if r.startswith("tinygpt serve:")]
     assert lines == ["tinygpt serve: in the last 1.5 s, connections closed: 10 missed the header "
                      "deadline (0.5 s); 2 were refused over the per-client cap (4)"]
+
+
+def test_the_new_limits_are_checked_and_listed(guarded):
+    for bad in ({"header_timeout": 0}, {"body_timeout": float("inf")}, {"header_timeout": True},
+                {"max_client_connections": 0}):
+        with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
+            ServeLimits(**bad)
+    assert ServeLimits(max_connections=10).max_client_connections == 10  # never above the total
+    s = guarded()
+    limits = s.app.state.tinygpt.limits
+    listed = httpx.get(f"{s.url}/v1/models").json()
+    got = listed["data"][0]["tinygpt"]["limits"]
+    assert {k: got[k] for k in ("header_timeout", "body_timeout", "max_client_connections")} == {
+        "header_timeout": limits.header_timeout, "body_timeout": limits.body_timeout,
+        "max_client_connections": limits.max_client_connections}
