@@ -66,7 +66,9 @@ class Server:
 
 async def raw(port: int, address: str, data: bytes, every: float = 0.0, line: bytes = b"") -> bytes:
     """Send ``data`` (then ``line`` every ``every`` s, if given) from ``address``; what the
-    server answers before it closes the connection (at most 30 s)."""
+    server answers before it closes the connection (at most 30 s); ``b"reset"`` when the
+    connection was reset before any answer came (the server closed it while the client was
+    still sending, and the kernel dropped the answer)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
     answer = b""
     try:
@@ -82,7 +84,7 @@ async def raw(port: int, address: str, data: bytes, every: float = 0.0, line: by
                 break
             answer += chunk
     except OSError:
-        pass
+        answer = answer or b"reset"
     finally:
         writer.close()
     return answer
@@ -90,7 +92,7 @@ async def raw(port: int, address: str, data: bytes, every: float = 0.0, line: by
 
 def status(answer: bytes) -> int | str:
     m = re.match(rb"HTTP/1\.1 (\d{3}) ", answer)
-    return int(m.group(1)) if m else "none"
+    return int(m.group(1)) if m else "reset" if answer == b"reset" else "none"
 
 
 async def clients(port: int, seconds: float, tally: Counter) -> None:
@@ -151,8 +153,9 @@ def soak(run_dir: Path, tmp_path: Path, seconds: float) -> None:
     bad = {k: v for k, v in tally.items() if not (k.endswith(" ok") or k.startswith("slow"))}
     assert not bad, bad
     assert tally["honest ok"] > 10 and tally["stream ok"] > 3 and tally["malformed ok"] > 10
-    assert set(k for k in tally if k.startswith("slow")) <= {"slow 408", "slow 429"}
+    assert set(k for k in tally if k.startswith("slow")) <= {"slow 408", "slow 429", "slow reset"}
     assert tally["slow 408"] and tally["slow 429"]
+    assert tally["slow reset"] <= 0.01 * (tally["slow 408"] + tally["slow 429"])
     assert fds_after <= fds + 2
     assert rss_after <= rss + max(40.0, 0.1 * rss)
     assert "Traceback" not in log
