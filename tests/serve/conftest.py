@@ -22,7 +22,7 @@ from tinygpt.config import TrainConfig  # noqa: E402
 from tinygpt.engine import Engine  # noqa: E402
 from tinygpt.serve.app import LOOPBACK_NAMES, create_app  # noqa: E402
 from tinygpt.serve.options import ServeLimits  # noqa: E402
-from tinygpt.serve.server import bind, model_info, url_of  # noqa: E402
+from tinygpt.serve.server import bind, model_info, url_of, uvicorn_config  # noqa: E402
 from tinygpt.train import train  # noqa: E402
 
 MODEL_ID = "tiny"
@@ -85,7 +85,8 @@ class ServerThread:
         self.sock = bind("127.0.0.1", 0)
         self.url = url_of(self.sock).rstrip("/")
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
+        # as tinygpt serve runs it: with the connection guards (deadlines, per-client cap)
+        config = uvicorn_config(app, app.state.tinygpt.limits, graceful_s=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

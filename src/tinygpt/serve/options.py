@@ -37,14 +37,22 @@ class ServeLimits:
     max_batch: int = _limit(32, "most sequences decoded together")
     max_queue: int = _limit(64, "most requests waiting for the batch (429 beyond)")
     timeout: float = _limit(60.0, "seconds a request may run before its output is cut")
-    max_connections: int = _limit(256, "most open connections (503 beyond)")
+    max_connections: int = _limit(
+        256, "most open connections that have sent a request (503 beyond)")
+    max_client_connections: int = _limit(
+        64, "most open connections from one client address (429 beyond; at most "
+        "--max-connections; raise it behind a proxy)")
+    header_timeout: float = _limit(
+        10.0, "seconds a client may take to send a request line and headers (408 beyond)")
+    body_timeout: float = _limit(
+        30.0, "seconds a client may take to send a request body after its headers (408 beyond)")
 
     def __post_init__(self) -> None:
         minimum = {"max_queue": 0}
         for f in fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if f.name == "timeout":
+            if isinstance(f.default, float):  # seconds
                 ok = (
                     isinstance(value, (int, float)) and not isinstance(value, bool)
                     and math.isfinite(value) and 0 < value <= 24 * 3600
@@ -64,6 +72,8 @@ class ServeLimits:
             )
         if self.default_max_tokens > self.max_tokens:
             object.__setattr__(self, "default_max_tokens", self.max_tokens)
+        if self.max_client_connections > self.max_connections:
+            object.__setattr__(self, "max_client_connections", self.max_connections)
 
 
 @dataclass(frozen=True)

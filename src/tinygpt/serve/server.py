@@ -13,7 +13,8 @@ from tinygpt.checkpoint import Checkpoint, load_checkpoint
 from tinygpt.engine import Engine
 from tinygpt.errors import TinyGPTError
 from tinygpt.serve.app import LOOPBACK_NAMES, ModelInfo, create_app
-from tinygpt.serve.options import ServeOptions
+from tinygpt.serve.connection import Watch, protocol_factory
+from tinygpt.serve.options import ServeLimits, ServeOptions
 
 
 def model_info(ckpt: Checkpoint, name: str) -> ModelInfo:
@@ -65,6 +66,19 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{host}:{port}/"
 
 
+def uvicorn_config(app, limits: ServeLimits, access_log: bool = False, *,
+                   watch: Watch | None = None, graceful_s: float = 5) -> uvicorn.Config:
+    """How uvicorn runs ``app``: on h11 with tinygpt's connection guards (deadlines for receiving
+    a request, a per-client cap, strict parsing: ``tinygpt.serve.connection``; ``watch`` holds
+    their tally), never websockets."""
+    return uvicorn.Config(
+        app, http=protocol_factory(watch or Watch(limits)), ws="none",
+        log_level="info" if access_log else "warning", access_log=access_log,
+        limit_concurrency=limits.max_connections, timeout_graceful_shutdown=graceful_s,
+        server_header=False,
+    )
+
+
 def serve(options: ServeOptions) -> None:
     """Load the checkpoint, bind the socket, serve until interrupted (checked options: see
     ``ServeOptions``)."""
@@ -86,11 +100,7 @@ def serve(options: ServeOptions) -> None:
     hosts = [*LOOPBACK_NAMES, *o.allowed_hosts] if check_hosts else None
     app = create_app(Engine(ckpt.model), ckpt.tokenizer, model_info(ckpt, name), limits,
                      o.api_key, hosts)
-    config = uvicorn.Config(
-        app, log_level="info" if o.access_log else "warning", access_log=o.access_log,
-        limit_concurrency=limits.max_connections, timeout_graceful_shutdown=5,
-        server_header=False,
-    )
+    config = uvicorn_config(app, limits, o.access_log)
     print(f"tinygpt serve: model {name} ({ckpt.model_kind}, {ckpt.path}) at {url_of(sock)}"
           f"{' (API key required)' if o.api_key else ''}", flush=True)
     try:
