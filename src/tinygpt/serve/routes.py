@@ -6,6 +6,7 @@
     GET  /v1/models             the one model served, with tinygpt details under "tinygpt"
     GET  /v1/models/{id}
     POST /v1/completions        OpenAI Completions API (+ top_k, logprobs); streams server-sent events
+    POST /v1/chat/completions   OpenAI Chat Completions API, through the chat template (``chat``)
     POST /v1/tinygpt/attention  the attention weights of every layer and head for a text
 
 A route checks the request (``protocol``), hands the model's work to the scheduler's worker
@@ -24,11 +25,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tinygpt.models.attention_maps import attention_maps
+from tinygpt.serve.chat import ChatDelivery, check_chat
 from tinygpt.serve.errors import refused, server_error
 from tinygpt.serve.guard import json_body
 from tinygpt.serve.protocol import (
     ApiError,
     AttentionQuery,
+    Completion,
     check_attention,
     check_completion,
     quoted,
@@ -69,15 +72,31 @@ async def completions(request: Request, state: State) -> Response:
     if obj is None:  # the client left while sending
         return Response(status_code=400)
     spec = check_completion(obj, state.info.id, state.tokenizer, state.limits)
+    return await deliver(request, state, spec, Delivery, "cmpl-", "text_completion")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, state: State) -> Response:
+    obj = await json_body(request, state.limits.max_body_bytes)
+    if obj is None:  # the client left while sending
+        return Response(status_code=400)
+    spec = check_chat(obj, state.info.id, state.tokenizer, state.limits, state.chat)
+    kind = "chat.completion.chunk" if spec.stream else "chat.completion"
+    return await deliver(request, state, spec, ChatDelivery, "chatcmpl-", kind)
+
+
+async def deliver(request: Request, state: AppState, spec: Completion, shape: type[Delivery],
+                  id_prefix: str, kind: str) -> Response:
+    """Hand a checked request to the scheduler; its answer as JSON, or streamed if asked."""
     queue: asyncio.Queue = asyncio.Queue()
     try:
         job = state.scheduler.submit(spec.prompt_ids, spec.n, spec.params, state.limits.timeout,
                                      state.mailbox.sink(queue))
     except (QueueFull, SchedulerClosed) as e:
         raise refused(e, state.limits) from None
-    meta = {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
+    meta = {"id": id_prefix + secrets.token_hex(12), "object": kind,
             "created": int(time.time()), "model": state.info.id}
-    delivery = Delivery(job, spec, queue, meta, state.scheduler)
+    delivery = shape(job, spec, queue, meta, state.scheduler)
     if spec.stream:
         return StreamingResponse(
             delivery.events(), media_type="text/event-stream",

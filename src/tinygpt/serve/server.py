@@ -85,7 +85,7 @@ def serve(options: ServeOptions) -> None:
     check_hosts = loopback or bool(o.allowed_hosts)  # other addresses: only when names are given
     hosts = [*LOOPBACK_NAMES, *o.allowed_hosts] if check_hosts else None
     app = create_app(Engine(ckpt.model), ckpt.tokenizer, model_info(ckpt, name), limits,
-                     o.api_key, hosts)
+                     o.api_key, hosts, o.chat_assistant)
     config = uvicorn.Config(
         app, log_level="info" if o.access_log else "warning", access_log=o.access_log,
         limit_concurrency=limits.max_connections, timeout_graceful_shutdown=5,
