@@ -26,8 +26,9 @@ ROUTES = [  # (method, path, body): every route of the server, answering 200
         {"role": "user", "name": "T", "content": "To"}]}),  # (this model knows few capitals)
     ("POST", "/v1/tinygpt/attention", {"model": MODEL_ID, "text": "To"}),
     ("GET", "/", None), ("GET", "/static/app.js", None), ("GET", "/static/style.css", None),
+    ("GET", "/openapi.json", None),
 ]
-NOT_ROUTES = [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/redoc"),
+NOT_ROUTES = [("GET", "/docs"), ("GET", "/redoc"),
               ("GET", "/static/index.html"), ("POST", "/v1/chat")]
 
 
