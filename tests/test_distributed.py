@@ -299,3 +299,51 @@ def test_a_torchrun_worker_leaves_without_the_interpreter_shutdown_but_with_its_
     assert proc.stderr.startswith("tinygpt sample: error:") and "no-run" in proc.stderr
     shutdown_ran = "interpreter shutdown ran" in proc.stdout
     assert proc.stdout.startswith("before") and shutdown_ran == (world is None)
+
+
+# Rank 1 stalls (as a hung GPU or a stopped process would); rank 0 waits for it in a collective.
+_STALL = """
+import sys, time, torch
+import torch.distributed as dist
+from tinygpt import distributed
+
+env, _ = distributed.setup("cpu", float(sys.argv[1]))
+if env.rank == 1:
+    time.sleep(120)
+start = time.monotonic()
+try:
+    dist.all_reduce(torch.ones(1))
+except Exception as e:
+    print(f"rank 0 gave up after {time.monotonic() - start:.1f} s: {type(e).__name__}", flush=True)
+    raise SystemExit(1)
+"""
+
+
+def test_a_stalled_rank_fails_the_job_within_the_chosen_timeout(tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(_STALL, encoding="utf-8")
+    proc = run_job([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", "2", str(script), "3"], timeout=100)
+    assert proc.returncode != 0
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("rank 0 gave up"))
+    waited = float(line.split()[5])
+    assert 2.5 <= waited < 60, line  # the chosen 3 s, not the 10 minutes of the default
+
+
+def test_the_process_group_timeout_is_a_train_setting(tmp_path):
+    from tinygpt.config import TrainConfig
+
+    cfg = TrainConfig.resolve({"dist_timeout": "90s"})
+    assert cfg.run.dist_timeout_s == 90.0
+    assert TrainConfig.resolve({}).run.dist_timeout_s == distributed_default()
+    with pytest.raises(ValueError, match="cannot read duration"):
+        TrainConfig.resolve({"dist_timeout": "-5s"})
+    proc = subprocess.run([sys.executable, "-m", "tinygpt", "train", "--help"], env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert "--dist-timeout DURATION" in proc.stdout
+
+
+def distributed_default() -> float:
+    from tinygpt.distributed import DEFAULT_TIMEOUT_S
+
+    return DEFAULT_TIMEOUT_S

@@ -346,3 +346,94 @@ def test_imported_gpt2_samples_evaluates_and_fine_tunes(bpe, tmp_path, capsys):
                            "--batch-size", "2", "--sample-chars", "0", "--device", "cpu") == 0
     ft = load_checkpoint(tmp_path / "ft")
     assert ft.tokenizer == bpe and ft.model.config == ckpt.model.config
+
+
+# ------------------------------------------------------------------ --overwrite is crash-safe
+
+# Exports a second model over OUT_DIR and is killed (no cleanup, as by SIGKILL or a power cut)
+# at a fault point: once the new weights and config are written, before the tokenizer config.
+_KILLED_EXPORT = """
+import os, sys, torch
+import tinygpt.hf as hf
+from tinygpt.models.gpt import GPT, GPTConfig
+from tinygpt.tokenizer import CharTokenizer
+
+text, out = open(sys.argv[1], encoding="utf-8").read(), sys.argv[2]
+tok = CharTokenizer.from_text(text)
+torch.manual_seed(99)
+model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=16))
+write_json = hf.write_json
+
+def faulty(path, obj):
+    if path.name == "tokenizer_config.json":
+        os._exit(9)
+    write_json(path, obj)
+
+hf.write_json = faulty
+hf.export_model(model, tok, out, overwrite=True)
+"""
+
+
+def _same_weights(a: GPT, b: GPT) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_an_overwrite_killed_midway_leaves_the_previous_export_loadable(chars, tmp_path):
+    import subprocess
+    import sys
+
+    from .resume_helpers import env
+
+    out = tmp_path / "hf"
+    before = random_gpt(chars.vocab_size, seed=1)
+    export_model(before, chars, out)
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_EXPORT, str(tmp_path / "text.txt"),
+                           str(out)], env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()  # it did get that far
+    model, tok = read_hf_gpt2(out)
+    assert tok == chars and _same_weights(model, before)
+    hf_model, _ = load_hf(out)  # transformers loads it too
+    ids = torch.tensor([chars.encode("To be, or")])
+    with torch.no_grad():
+        assert (before(ids)[0] - hf_model(ids).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_overwrite_replaces_the_export_and_keeps_other_files(chars, tmp_path, monkeypatch,
+                                                             exchange):
+    import tinygpt.hf as hf
+
+    if not exchange:
+        monkeypatch.setattr(hf, "_exchange", lambda a, b: False)
+    out = tmp_path / "hf"
+    first, second = random_gpt(chars.vocab_size, seed=1), random_gpt(chars.vocab_size, seed=2)
+    export_model(first, chars, out)
+    (out / "README.md").write_text("my notes", encoding="utf-8")
+    with pytest.raises(TinyGPTError, match="pass --overwrite"):
+        export_model(second, chars, out)
+    result = export_model(second, chars, out, overwrite=True)
+    assert "README.md" in result.files and (out / "README.md").read_text() == "my notes"
+    assert _same_weights(read_hf_gpt2(out)[0], second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing left beside it
+
+
+def test_a_failed_overwrite_leaves_the_previous_export_and_no_litter(chars, tmp_path,
+                                                                   monkeypatch):
+    import tinygpt.hf as hf
+
+    out = tmp_path / "hf"
+    first = random_gpt(chars.vocab_size, seed=1)
+    export_model(first, chars, out)
+
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "write_json", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export_model(random_gpt(chars.vocab_size, seed=2), chars, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert _same_weights(read_hf_gpt2(out)[0], first)

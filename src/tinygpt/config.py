@@ -296,6 +296,11 @@ class RunConfig:
         "auto: bfloat16 where the hardware multiplies it natively (CPUs with AMX or AVX512-BF16, "
         "CUDA GPUs with bf16), float32 elsewhere", choices=DTYPES,
     )
+    dist_timeout: str = setting(
+        "10m", "under torchrun: how long a rank waits for the others (rendezvous, gradient "
+        "averaging) before the run fails, e.g. 90s or 5m; a stalled rank stops the job in that "
+        "time", metavar="DURATION", resume=RESUME_CHANGE,
+    )
     compile: bool = setting(
         False, "compile the training step with torch.compile (on a CPU it needs a C++ compiler); "
         "the first step then takes seconds to a minute, counted in the training time",
@@ -309,7 +314,7 @@ class RunConfig:
             _check_int(name, getattr(self, name), 0)
         if self.max_steps is not None:
             _check_int("max_steps", self.max_steps, 1)
-        for name in ("max_time", "save_every"):
+        for name in ("max_time", "save_every", "dist_timeout"):
             if getattr(self, name) is not None:
                 parse_duration(getattr(self, name))
         if self.max_steps is None and self.max_time is None:
@@ -323,6 +328,10 @@ class RunConfig:
     @functools.cached_property
     def max_time_s(self) -> float | None:
         return None if self.max_time is None else parse_duration(self.max_time)
+
+    @functools.cached_property
+    def dist_timeout_s(self) -> float:
+        return parse_duration(self.dist_timeout)
 
     @functools.cached_property
     def save_every_s(self) -> float | None:

@@ -63,6 +63,7 @@ class DistEnv:
 
 
 SINGLE = DistEnv()
+DEFAULT_TIMEOUT_S = 600.0  # how long a rank waits for the others (--dist-timeout's default)
 
 
 def env_from_torchrun() -> DistEnv:
@@ -79,11 +80,13 @@ def env_from_torchrun() -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world)
 
 
-def setup(device_name: str) -> tuple[DistEnv, str]:
+def setup(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[DistEnv, str]:
     """Join the process group torchrun describes; returns it and the device this rank uses.
 
     ``device_name`` is ``--device``: under torchrun ``auto`` and ``cuda`` become this rank's own
-    GPU (``cuda:LOCAL_RANK``).
+    GPU (``cuda:LOCAL_RANK``). ``timeout_s`` (``--dist-timeout``) is how long a rank waits for the
+    others, at the rendezvous and in every collective, before the run fails: a stalled rank
+    stops the job in that time.
     """
     env = env_from_torchrun()
     if not env.enabled:
@@ -107,7 +110,7 @@ def setup(device_name: str) -> tuple[DistEnv, str]:
         # does), torch._dynamo keeps the group and its threads alive past shutdown (see leave).
         importlib.import_module("torch._dynamo")
 
-        timeout = datetime.timedelta(minutes=10)
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if device_name.startswith("cuda") else "gloo",
             store=_attempt_store(env, timeout), rank=env.rank, world_size=env.world_size,

@@ -29,20 +29,29 @@ q.k sums over channels, reordering the channels of both changes no attention sco
 ``import_hf`` does the reverse for GPT-2-format directories (weights and tokenizer): the result is
 a tinygpt run (one checkpoint, step 0) that samples, evaluates, serves and fine-tunes with
 ``--init-from``. ``transformers`` itself is needed by neither direction.
+
+An export is written into a new folder beside ``OUT_DIR`` and then swapped into its place, so
+``--overwrite`` killed midway leaves the previous export as it was.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from tinygpt.errors import TinyGPTError
-from tinygpt.files import atomic_write, read_json_object, write_json
+from tinygpt.files import atomic_write, fsync_dir, read_json_object, usual_mode, write_json
 from tinygpt.models.gpt import GPT, GPTConfig
 from tinygpt.models.gpt_options import ROPE_BASE
 from tinygpt.tokenizer import BPETokenizer, CharTokenizer
@@ -336,12 +345,73 @@ def _special_tokens(tok) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- export
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise TinyGPTError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise TinyGPTError(f"{out_dir} is not empty; pass --overwrite to replace its files")
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or its file system cannot."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Put the entries of ``old`` that the export does not write into ``new`` (hard links where
+    possible): ``--overwrite`` replaces the export's files and keeps the others."""
+    for entry in old.iterdir():
+        target = new / entry.name
+        if target.exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True)
+            continue
+        try:
+            os.link(entry, target, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(entry, target, follow_symlinks=False)
+
+
+def _write_beside(out_dir: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """``write(folder)`` into a new folder beside ``out_dir``, then put that folder in its place.
+
+    Killed at any point, ``out_dir`` holds the previous export or the new one, each whole (a kill
+    while writing leaves the unfinished folder, ``.OUT_DIR.*.tmp``, beside it). The swap is one
+    step on Linux; elsewhere the previous folder is moved aside just before.
+    """
+    _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, usual_mode(0o777))
+        write(tmp)
+        if not out_dir.is_dir():
+            os.rename(tmp, out_dir)
+        else:
+            _carry_over(out_dir, tmp)
+            if not _exchange(tmp, out_dir):
+                aside = tmp.with_suffix(".old")
+                os.rename(out_dir, aside)
+                os.rename(tmp, out_dir)
+                tmp = aside
+            shutil.rmtree(tmp)  # the previous export
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def export_model(model: GPT, tokenizer, out_dir: Path, overwrite: bool = False) -> ExportResult:
@@ -375,19 +445,23 @@ def export_model(model: GPT, tokenizer, out_dir: Path, overwrite: bool = False) 
     else:
         tok_json = tokenizer.to_json()
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
-    atomic_write(out_dir / HF_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
-    write_json(out_dir / "config.json", _hf_config(arch, c, ids))
-    write_json(out_dir / "generation_config.json", {
-        "_from_model_config": False, **{k: v for k, v in ids.items() if v is not None},
-    })
-    atomic_write(out_dir / "tokenizer.json",
-                 lambda tmp: Path(tmp).write_text(tok_json, encoding="utf-8"))
-    write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size,
-        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
-        **special,
-    })
+
+    def write(folder: Path) -> None:
+        atomic_write(folder / HF_WEIGHTS,
+                     lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+        write_json(folder / "config.json", _hf_config(arch, c, ids))
+        write_json(folder / "generation_config.json", {
+            "_from_model_config": False, **{k: v for k, v in ids.items() if v is not None},
+        })
+        atomic_write(folder / "tokenizer.json",
+                     lambda tmp: Path(tmp).write_text(tok_json, encoding="utf-8"))
+        write_json(folder / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size,
+            "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+            **special,
+        })
+
+    _write_beside(out_dir, overwrite, write)
     files = sorted(p.name for p in out_dir.iterdir())
     return ExportResult(out_dir, arch, files)
 
@@ -592,8 +666,6 @@ def import_hf(hf_dir: Path, run_dir: Path, overwrite: bool = False) -> Path:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
         raise TinyGPTError(f"{run_dir} already exists; pass --overwrite to replace it")
     if overwrite and run_dir.is_dir():
-        import shutil
-
         shutil.rmtree(run_dir)
     state = {
         "model": "gpt", "model_config": model.config.to_dict(), "tokenizer": tokenizer.to_dict(),

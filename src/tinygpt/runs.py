@@ -448,7 +448,7 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
 
     Under torchrun the process joins the job first, and the model is wrapped for data-parallel
     training (``tinygpt.distributed``)."""
-    dist_env, device_name = distributed.setup(cfg.run.device)
+    dist_env, device_name = distributed.setup(cfg.run.device, cfg.run.dist_timeout_s)
     device = pick_device(device_name)
     check_batch_split(cfg, dist_env)
     if resume is not None:

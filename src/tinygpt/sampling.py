@@ -9,7 +9,8 @@ request means the same thing everywhere:
 * ``top_p`` is in (0, 1]; 1 (or leaving it out) turns it off.
 * ``seed`` is a 64-bit signed integer; sample (choice) ``i`` draws from a generator seeded with
   ``seed + i`` reduced modulo 2**64, so a batch gives the texts one-by-one sampling gives.
-* ``stop`` strings are non-empty; a text ends where the first of them begins.
+* ``stop`` strings are non-empty; a text ends where the first of them begins. A stop may also be
+  a ``StopRule``: a pattern rather than one string (the chat template's change of speaker).
 * ``max_tokens`` (``--num-chars`` on the command line) is the number of tokens to generate.
 * ``logprobs`` asks for each token's log-probability and this many alternatives, 0 to 5.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TEMPERATURE = 2.0
@@ -142,10 +144,28 @@ class SamplingConfig:
         rule_of(SamplingConfig, "top_k").check("top_k", self.top_k, high=vocab_size)
 
 
-def _stop_strings(stop) -> tuple[str, ...]:
-    """``stop`` (a string or strings) as a tuple without repeats; raises ``SettingError``."""
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+@runtime_checkable
+class StopRule(Protocol):
+    """A stop that is a pattern rather than one string; ``tinygpt.sequence.TextStream`` asks it
+    where it first matches in the text so far, and how much of the text's end might begin a
+    match (held back until the next characters decide)."""
+
+    def find(self, text: str) -> tuple[int, int] | None:
+        """(start, end) of the first match in ``text``, or None."""
+        ...
+
+    def held(self, text: str) -> int:
+        """How many characters at the end of ``text`` might be the start of a match."""
+        ...
+
+
+def _stop_strings(stop) -> tuple[str | StopRule, ...]:
+    """``stop`` (a string, or strings and ``StopRule``s) as a tuple without repeats; raises
+    ``SettingError``."""
+    stops = (stop,) if isinstance(stop, (str, StopRule)) else tuple(stop)
     for s in stops:
+        if isinstance(s, StopRule) and not isinstance(s, str):
+            continue
         if not isinstance(s, str) or not s:
             raise SettingError("stop", "non-empty strings", s, "stop strings")
     return tuple(dict.fromkeys(stops))
@@ -160,7 +180,7 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int | None = setting(None, "random seed; sample i uses seed + i",
                                Rule(int, INT64_MIN, INT64_MAX, optional=True), "--seed")
-    stop: tuple[str, ...] = setting(
+    stop: tuple[str | StopRule, ...] = setting(
         (), "end a sample where STR first appears, STR excluded", None, "--stop")
     logprobs: int | None = setting(
         None, "report each token's log-probability and this many most likely alternatives",

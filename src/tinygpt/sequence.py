@@ -25,7 +25,7 @@ import torch.nn as nn
 from tinygpt.engine import Engine, SeqState
 from tinygpt.generate import generate_tokens, make_generator, sample_next
 from tinygpt.logprobs import TokenLogprob, score, token_texts
-from tinygpt.sampling import GenerationConfig, Rule, SamplingConfig, SettingError
+from tinygpt.sampling import GenerationConfig, Rule, SamplingConfig, SettingError, StopRule
 from tinygpt.tokenizer import Tokenizer
 
 __all__ = ["GenerationConfig", "Piece", "Sample", "SamplingConfig", "TextStream",
@@ -38,14 +38,15 @@ class TextStream:
     ``feed`` returns the part of the text that is safe to show: it holds back a tail that might be
     the start of a stop string until the next characters decide. When a stop string is completed,
     the text ends where it begins (the stop string itself is not part of the text) and
-    ``stopped`` becomes True. If several stop strings complete at once, the longest wins.
+    ``stopped`` becomes True. If several stop strings complete at once, the longest wins. A stop
+    may also be a ``StopRule`` (a pattern: it says where it matches and how much to hold back).
     """
 
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        if isinstance(stop, str):
+    def __init__(self, stop: Sequence[str | StopRule] = ()) -> None:
+        if isinstance(stop, (str, StopRule)):
             stop = (stop,)
         for s in stop:
-            if not isinstance(s, str) or not s:
+            if not isinstance(s, (str, StopRule)) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self.stop = tuple(stop)
         self.text = ""  # everything released so far
@@ -58,18 +59,14 @@ class TextStream:
         buf = self._pending + piece
         cut = None  # (end, start) of the stop string completed first; the longest on a tie
         for s in self.stop:
-            i = buf.find(s)
-            if i >= 0 and (cut is None or (i + len(s), i) < cut):
-                cut = (i + len(s), i)
+            span = _find(s, buf)
+            if span is not None and (cut is None or (span[1], span[0]) < cut):
+                cut = (span[1], span[0])
         if cut is not None:
             self.stopped = True
             self._pending = ""
             return self._release(buf[: cut[1]])
-        hold = 0
-        for k in range(min(len(buf), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(buf[-k:]) for s in self.stop):
-                hold = k
-                break
+        hold = max((_held(s, buf) for s in self.stop), default=0)
         self._pending = buf[len(buf) - hold :]
         return self._release(buf[: len(buf) - hold])
 
@@ -81,6 +78,24 @@ class TextStream:
     def _release(self, text: str) -> str:
         self.text += text
         return text
+
+
+def _find(stop: str | StopRule, text: str) -> tuple[int, int] | None:
+    """(start, end) of the first match of ``stop`` in ``text``, or None."""
+    if isinstance(stop, str):
+        i = text.find(stop)
+        return None if i < 0 else (i, i + len(stop))
+    return stop.find(text)
+
+
+def _held(stop: str | StopRule, text: str) -> int:
+    """How many characters at the end of ``text`` might be the start of ``stop``."""
+    if not isinstance(stop, str):
+        return stop.held(text)
+    for k in range(min(len(text), len(stop) - 1), 0, -1):
+        if stop.startswith(text[-k:]):
+            return k
+    return 0
 
 
 class Sample:

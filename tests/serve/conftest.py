@@ -144,11 +144,12 @@ def engines():
     return {"gated": GatedEngine, "slow": SlowEngine}
 
 
-def _build_app(checkpoint, engine=None, limits=None, api_key=None, allowed_hosts=LOOPBACK_NAMES):
+def _build_app(checkpoint, engine=None, limits=None, api_key=None, allowed_hosts=LOOPBACK_NAMES,
+               chat_assistant="assistant"):
     engine = engine or Engine(checkpoint.model)
     info = model_info(checkpoint, MODEL_ID)
     return create_app(engine, checkpoint.tokenizer, info, limits or ServeLimits(), api_key,
-                      allowed_hosts)
+                      allowed_hosts, chat_assistant)
 
 
 @pytest.fixture(scope="session")

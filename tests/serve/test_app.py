@@ -22,15 +22,18 @@ from tinygpt.serve.state import AppState  # noqa: E402
 ROUTES = [  # (method, path, body): every route of the server, answering 200
     ("GET", "/health", None), ("GET", "/v1/models", None), ("GET", f"/v1/models/{MODEL_ID}", None),
     ("POST", "/v1/completions", {"model": MODEL_ID, "prompt": "To", "max_tokens": 1}),
+    ("POST", "/v1/chat/completions", {"model": MODEL_ID, "max_tokens": 1, "messages": [
+        {"role": "user", "name": "T", "content": "To"}]}),  # (this model knows few capitals)
     ("POST", "/v1/tinygpt/attention", {"model": MODEL_ID, "text": "To"}),
     ("GET", "/", None), ("GET", "/static/app.js", None), ("GET", "/static/style.css", None),
+    ("GET", "/openapi.json", None),
 ]
-NOT_ROUTES = [("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/redoc"),
-              ("GET", "/static/index.html"), ("POST", "/v1/chat/completions")]
+NOT_ROUTES = [("GET", "/docs"), ("GET", "/redoc"),
+              ("GET", "/static/index.html"), ("POST", "/v1/chat")]
 
 
 def test_every_route_is_there_and_no_other(checkpoint):
-    app = _build_app(checkpoint)
+    app = _build_app(checkpoint, chat_assistant="T")
 
     async def main():
         async with app.router.lifespan_context(app):

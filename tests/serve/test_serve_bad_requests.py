@@ -179,7 +179,8 @@ def test_wrong_content_type(http):
 
 
 def test_unknown_route_and_method(http):
-    check_error_shape(http.get("/v1/chat/completions"), 404)
+    check_error_shape(http.get("/v1/chat"), 404)
+    check_error_shape(http.get("/v1/chat/completions"), 405)
     check_error_shape(http.post("/v1/nothing", json={}), 404)
     check_error_shape(http.get("/v1/completions"), 405)
     check_error_shape(http.get("/static/../app.py"), 404)

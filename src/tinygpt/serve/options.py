@@ -95,6 +95,8 @@ class ServeOptions:
     )
     model_name: str | None = _option(None, "model id in the API (default: RUN_DIR's name)",
                                      metavar="NAME")
+    chat_assistant: str = _option("assistant", "speaker of the chat replies in the chat template "
+                                  "(a play script: see docs/serving.md)", metavar="NAME")
     allowed_hosts: tuple[str, ...] = _option(
         (), "also accept this Host header name (repeatable); on other addresses than loopback, "
         "giving it turns the Host check on", flag="allowed_host", metavar="NAME", append=True,

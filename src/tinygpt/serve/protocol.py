@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tinygpt.sampling import GenerationConfig, Rule, SamplingConfig, SettingError
+from tinygpt.sampling import GenerationConfig, Rule, SamplingConfig, SettingError, StopRule
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.scheduler import GenerationParams
 from tinygpt.tokenizer import Tokenizer
@@ -155,27 +155,30 @@ def check_types(obj: dict, schema: type[BaseModel] = CompletionRequest,
     try:
         return schema.model_validate(obj)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        param = loc[0] if loc else None
-        if err["type"] == "extra_forbidden":
-            name = ".".join(loc)
-            raise invalid(f"unknown parameter {quoted(name)}", param,
-                          "unknown_parameter") from None
-        if err["type"] == "missing":
-            raise invalid(f"missing required parameter '{param}'", param,
-                          "missing_required_parameter") from None
-        value = obj.get(param) if param else None
-        what = json_type(value)
-        if isinstance(value, list):  # say what is wrong inside the array
-            bad = [x for x in value if not isinstance(x, str)]
-            if bad:
-                what = f"an array holding {json_type(bad[0])}"
-        elif isinstance(value, dict) and param == "stream_options":
-            what = f"{'.'.join(loc)} = {json_type(value.get(loc[1]) if len(loc) > 1 else None)}"
-        expected = expected_types.get(param, "another type")
-        raise invalid(f"invalid type for '{param}': expected {expected}, got {what}", param,
-                      "invalid_type") from None
+        raise type_error(e.errors()[0], obj, expected_types) from None
+
+
+def type_error(err: dict, obj: dict, expected_types: dict[str, str]) -> ApiError:
+    """The 400 for one pydantic error ``err`` of the request body ``obj``."""
+    loc = [str(x) for x in err["loc"]]
+    param = loc[0] if loc else None
+    if err["type"] == "extra_forbidden":
+        name = ".".join(loc)
+        return invalid(f"unknown parameter {quoted(name)}", param, "unknown_parameter")
+    if err["type"] == "missing":
+        return invalid(f"missing required parameter '{param}'", param,
+                       "missing_required_parameter")
+    value = obj.get(param) if param else None
+    what = json_type(value)
+    if isinstance(value, list):  # say what is wrong inside the array
+        bad = [x for x in value if not isinstance(x, str)]
+        if bad:
+            what = f"an array holding {json_type(bad[0])}"
+    elif isinstance(value, dict) and param == "stream_options":
+        what = f"{'.'.join(loc)} = {json_type(value.get(loc[1]) if len(loc) > 1 else None)}"
+    expected = expected_types.get(param, "another type")
+    return invalid(f"invalid type for '{param}': expected {expected}, got {what}", param,
+                   "invalid_type")
 
 
 @dataclass
@@ -197,7 +200,7 @@ def _setting_error(e: SettingError) -> ApiError:
     return invalid(str(e.named(f"'{e.name}'")), e.name)
 
 
-def _int_range(value: int, name: str, low: int, high: int) -> int:
+def int_range(value: int, name: str, low: int, high: int) -> int:
     """``value`` if it lies in [low, high] (a limit of this server), else a 400."""
     try:
         Rule(int, low, high).check(name, value)
@@ -206,13 +209,14 @@ def _int_range(value: int, name: str, low: int, high: int) -> int:
     return value
 
 
-def encode(text: str, tokenizer: Tokenizer, param: str) -> list[int]:
-    """Token ids of ``text``; characters the model does not know are a 400 naming them."""
+def encode(text: str, tokenizer: Tokenizer, param: str, what: str | None = None) -> list[int]:
+    """Token ids of ``text`` (the ``param`` of the request, called ``what`` in a message);
+    characters the model does not know are a 400 naming them."""
     unknown = tokenizer.unknown_chars(text)
     if unknown:
         shown = ", ".join(repr(c) for c in unknown[:20])
         more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-        raise invalid(f"the {param} has {len(unknown)} character(s) the model does not know: "
+        raise invalid(f"the {what or param} has {len(unknown)} character(s) the model does not know: "
                       f"{shown}{more}", param, "unknown_characters")
     return tokenizer.encode(text)
 
@@ -222,12 +226,12 @@ def check_completion(
 ) -> Completion:
     """Validate a parsed request body; raises ``ApiError``."""
     req = check_types(obj)
-    _check_model(req.model, model_id)
+    check_model(req.model, model_id)
     prompts = _prompts(req, limits)
     max_tokens = limits.default_max_tokens if req.max_tokens is None else req.max_tokens
-    _int_range(max_tokens, "max_tokens", 1, limits.max_tokens)
-    n = _choices(req, limits, len(prompts))
-    config = _generation_config(req, max_tokens, tokenizer, limits)
+    int_range(max_tokens, "max_tokens", 1, limits.max_tokens)
+    n = check_choices(req, limits, len(prompts))
+    config = generation_config(req, max_tokens, tokenizer, limits, req.logprobs)
     if req.stream_options is not None and not req.stream:
         raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
     _unsupported(req, n)
@@ -238,7 +242,7 @@ def check_completion(
                       bool(req.echo), req.logprobs)
 
 
-def _check_model(name: str, model_id: str) -> None:
+def check_model(name: str, model_id: str) -> None:
     if name != model_id:
         raise ApiError(404, f"the model {quoted(name)} does not exist; this server has "
                        f"'{model_id}'", "model", "model_not_found")
@@ -259,16 +263,16 @@ def _prompts(req: CompletionRequest, limits: ServeLimits) -> list[str]:
     return prompts
 
 
-def _choices(req: CompletionRequest, limits: ServeLimits, n_prompts: int) -> int:
+def check_choices(req: BaseModel, limits: ServeLimits, n_prompts: int) -> int:
     """``n``, the choices per prompt; all of them together within the server's ``max_n``."""
-    n = 1 if req.n is None else _int_range(req.n, "n", 1, limits.max_n)
+    n = 1 if req.n is None else int_range(req.n, "n", 1, limits.max_n)
     if n * n_prompts > limits.max_n:
         raise invalid(f"n ({n}) times the number of prompts ({n_prompts}) is "
                       f"{n * n_prompts}; this server allows at most {limits.max_n}", "n")
     return n
 
 
-def _stops(req: CompletionRequest, limits: ServeLimits) -> list[str]:
+def _stops(req: BaseModel, limits: ServeLimits) -> list[str]:
     """The stop strings, within the server's limits on their number and length."""
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > limits.max_stop:
@@ -281,34 +285,44 @@ def _stops(req: CompletionRequest, limits: ServeLimits) -> list[str]:
     return stops
 
 
-def _generation_config(req: CompletionRequest, max_tokens: int, tokenizer: Tokenizer,
-                       limits: ServeLimits) -> GenerationConfig:
-    """The sampling settings, checked by their one definition (``tinygpt.sampling``)."""
+def generation_config(req: BaseModel, max_tokens: int, tokenizer: Tokenizer,
+                      limits: ServeLimits, logprobs: int | None,
+                      rules: tuple[StopRule, ...] = ()) -> GenerationConfig:
+    """The sampling settings of a request (its ``temperature``, ``top_k``, ``top_p``, ``seed``
+    and ``stop``), checked by their one definition (``tinygpt.sampling``); ``rules`` are stops
+    of the server's own (the chat template's change of speaker)."""
     try:
         temperature = 1.0 if req.temperature is None else req.temperature
         sampling = SamplingConfig(temperature, req.top_k, req.top_p)
         sampling.check_vocab(tokenizer.vocab_size)
-        return GenerationConfig(max_tokens, sampling, req.seed, tuple(_stops(req, limits)),
-                                req.logprobs)
+        return GenerationConfig(max_tokens, sampling, req.seed, (*_stops(req, limits), *rules),
+                                logprobs)
     except SettingError as e:
         raise _setting_error(e) from None
 
 
-def _unsupported(req: CompletionRequest, n: int) -> None:
-    def refuse(name: str, what: str) -> None:
-        raise invalid(f"'{name}' is not supported by this server ({what})", name,
-                      "unsupported_parameter")
+def unsupported(name: str, what: str) -> ApiError:
+    return invalid(f"'{name}' is not supported by this server ({what})", name,
+                   "unsupported_parameter")
 
-    if req.best_of is not None and req.best_of != n:
-        refuse("best_of", "leave it out or set it equal to n")
+
+def refuse_penalties(req: BaseModel) -> None:
+    """The penalties and logit bias of the OpenAI API, accepted only at values that change
+    nothing."""
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
         if value is not None and value != 0:
-            refuse(name, "leave it out or send 0")
+            raise unsupported(name, "leave it out or send 0")
     if req.logit_bias:
-        refuse("logit_bias", "leave it out or send {}")
+        raise unsupported("logit_bias", "leave it out or send {}")
+
+
+def _unsupported(req: CompletionRequest, n: int) -> None:
+    if req.best_of is not None and req.best_of != n:
+        raise unsupported("best_of", "leave it out or set it equal to n")
+    refuse_penalties(req)
     if req.suffix is not None:
-        refuse("suffix", "leave it out or send null")
+        raise unsupported("suffix", "leave it out or send null")
 
 
 class AttentionRequest(BaseModel):
@@ -355,8 +369,8 @@ def check_attention(obj: dict, model_id: str, tokenizer: Tokenizer, n_layer: int
                       f"{block_size}", "text", "context_length_exceeded")
     layers = list(range(n_layer))
     if req.layer is not None:
-        layers = [_int_range(req.layer, "layer", 0, n_layer - 1)]
+        layers = [int_range(req.layer, "layer", 0, n_layer - 1)]
     heads = list(range(n_head))
     if req.head is not None:
-        heads = [_int_range(req.head, "head", 0, n_head - 1)]
+        heads = [int_range(req.head, "head", 0, n_head - 1)]
     return AttentionQuery(req.text, ids, [tokenizer.token_text(i) for i in ids], layers, heads)

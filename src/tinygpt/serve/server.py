@@ -99,7 +99,7 @@ def serve(options: ServeOptions) -> None:
     check_hosts = loopback or bool(o.allowed_hosts)  # other addresses: only when names are given
     hosts = [*LOOPBACK_NAMES, *o.allowed_hosts] if check_hosts else None
     app = create_app(Engine(ckpt.model), ckpt.tokenizer, model_info(ckpt, name), limits,
-                     o.api_key, hosts)
+                     o.api_key, hosts, o.chat_assistant)
     config = uvicorn_config(app, limits, o.access_log)
     print(f"tinygpt serve: model {name} ({ckpt.model_kind}, {ckpt.path}) at {url_of(sock)}"
           f"{' (API key required)' if o.api_key else ''}", flush=True)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from starlette.requests import Request
 
 from tinygpt.engine import Engine
+from tinygpt.serve.chat import ChatTemplate
 from tinygpt.serve.options import ServeLimits
 from tinygpt.serve.scheduler import Scheduler
 from tinygpt.serve.stream import Mailbox
@@ -41,6 +42,7 @@ class AppState:
     tokenizer: Tokenizer
     info: ModelInfo
     limits: ServeLimits
+    chat: ChatTemplate = field(default_factory=ChatTemplate)  # how chat messages become a prompt
     scheduler: Scheduler = field(init=False)
     mailbox: Mailbox = field(init=False)
 

@@ -4,7 +4,9 @@ The model runs in the scheduler's worker thread; a request waits on its own ``as
 which the worker fills through a ``Mailbox`` (so the event loop stays free while tokens are
 computed). ``next_item`` waits with a watchdog: should the worker die without a word, the
 request learns it. A submitted completion (a ``Delivery``) then goes out as one JSON body
-(``Delivery.response``) or as server-sent events (``Delivery.events``).
+(``Delivery.response``) or as server-sent events (``Delivery.events``). ``Delivery`` gives them the
+Completions API's shape; the chat route's ``ChatDelivery`` (``tinygpt.serve.chat``) gives the
+same choices the chat shape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -112,6 +114,7 @@ class Delivery:
     queue: asyncio.Queue
     meta: dict
     scheduler: Scheduler
+    offset: list[int] = field(init=False, default_factory=list)  # see ``opening``
 
     def usage(self) -> dict:
         prompt = sum(len(ids) for ids in self.spec.prompt_ids)
@@ -152,9 +155,12 @@ class Delivery:
         error = collect.result()
         if error is not None:
             raise server_error(error)
-        return JSONResponse({**self.meta, "choices": [self.choice_body(c)
-                                                      for c in self.job.choices],
-                             "usage": self.usage()})
+        return JSONResponse(self.body())
+
+    def body(self) -> dict:
+        """The JSON answer, once every choice has finished."""
+        return {**self.meta, "choices": [self.choice_body(c) for c in self.job.choices],
+                "usage": self.usage()}
 
     def choice_body(self, choice) -> dict:
         """One finished choice of the JSON answer (the echoed prompt first, if asked)."""
@@ -179,38 +185,42 @@ class Delivery:
                 merged[event.index] = merge(merged.get(event.index), event)
         return list(merged.values()), None
 
-    async def events(self) -> AsyncIterator[str]:
-        """Server-sent events: one ``data: {chunk}`` per choice with new text, then ``[DONE]``.
-
-        With ``logprobs``, each chunk carries the entries of its own characters. An echoed prompt
-        is sent first; with ``logprobs`` it comes from the worker, which scores it.
-        """
+    def opening(self) -> list[str]:
+        """The events sent before the first generated text: an echoed prompt (without logprobs;
+        with them it comes from the worker, which scores it)."""
         spec = self.spec
         # where each choice's next character is, counted from the start of its prompt
-        offset = [0 if spec.echo else len(self.prompt_of(c.index)) for c in self.job.choices]
+        self.offset = [0 if spec.echo else len(self.prompt_of(c.index)) for c in self.job.choices]
+        if not spec.echo or spec.logprobs is not None:
+            return []
+        return [self.chunk(Event(c.index, self.prompt_of(c.index))) for c in self.job.choices]
 
-        def chunk(index: int, text: str, finish: str | None, entries: list | None) -> str:
-            logprobs = None
-            if entries is not None:
-                logprobs = as_openai(entries, offset[index])
-                offset[index] += sum(e.chars for e in entries)
-            choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
-            return sse({**self.meta, "choices": [choice]})
+    def chunk(self, event: Event) -> str:
+        """The event of a choice's new text; with ``logprobs``, the entries of its characters."""
+        logprobs = None
+        if event.logprobs is not None:
+            logprobs = as_openai(event.logprobs, self.offset[event.index])
+            self.offset[event.index] += sum(e.chars for e in event.logprobs)
+        choice = {"text": event.text, "index": event.index, "logprobs": logprobs,
+                  "finish_reason": event.finish}
+        return sse({**self.meta, "choices": [choice]})
 
+    async def events(self) -> AsyncIterator[str]:
+        """Server-sent events: the ``opening``, one ``data: {chunk}`` per choice with new text,
+        the usage if asked, then ``[DONE]``."""
         try:
-            if spec.echo and spec.logprobs is None:
-                for c in self.job.choices:
-                    yield chunk(c.index, self.prompt_of(c.index), None, None)
+            for text in self.opening():
+                yield text
             left = len(self.job.choices)
             while left:
                 events, error = await self.next_events()
                 for event in events:
-                    yield chunk(event.index, event.text, event.finish, event.logprobs)
+                    yield self.chunk(event)
                     left -= event.finish is not None
                 if error is not None:
                     yield sse(server_error(error).body())
                     return
-            if spec.include_usage:
+            if self.spec.include_usage:
                 yield sse({**self.meta, "choices": [], "usage": self.usage()})
             yield "data: [DONE]\n\n"
         finally:
