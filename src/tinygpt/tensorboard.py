@@ -75,8 +75,12 @@ class TensorBoardLog:
         if Path(figure).is_file():
             import matplotlib.image
 
-            image = matplotlib.image.imread(str(figure))[..., :3]  # (H, W, RGB) in [0, 1]
-            self.writer.add_image(FIGURE_TAG, image, step, dataformats="HWC")
+            try:
+                image = matplotlib.image.imread(str(figure))[..., :3]  # (H, W, RGB) in [0, 1]
+            except (OSError, ValueError, SyntaxError):  # a figure that cannot be read is left out
+                image = None
+            if image is not None:
+                self.writer.add_image(FIGURE_TAG, image, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

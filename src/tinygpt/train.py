@@ -252,7 +252,7 @@ def training_step(run: Run, state: LoopState) -> float:
             f"loss became {loss_value} (gradient norm {grad_norm.item()}) at step {state.step}; "
             f"training stopped before the update{newest_note(state.saved_step)} -- try a lower --lr"
         )
-    update(run, state)
+    optimizer_step(run, state)
 
     state.step += 1
     fault_point("step", state.step)
@@ -263,7 +263,7 @@ def training_step(run: Run, state: LoopState) -> float:
     return loss_value
 
 
-def update(run: Run, state: LoopState) -> None:
+def optimizer_step(run: Run, state: LoopState) -> None:
     """The optimizer step; under float16 the scaler's: skipped (and counted) when the gradients
     hold inf or NaN, and the loss scale adjusted."""
     scaler = run.scaler
