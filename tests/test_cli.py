@@ -147,7 +147,7 @@ def _bad_cases(tmp):
         ("unknown qk-norm", [*train, "--data", ok, "--qk-norm", "l2"], "invalid choice"),
         ("toml qk_norm", ["train", "--config", toml_qk], "qk_norm must be one of"),
         ("bad max-time", [*train, "--data", ok, "--max-time", "soon"], "cannot read duration"),
-        ("unknown dtype", [*train, "--data", ok, "--dtype", "float16"], "invalid choice"),
+        ("unknown dtype", [*train, "--data", ok, "--dtype", "float8"], "invalid choice"),
         ("toml dtype", ["train", "--config", toml_dtype], "unknown dtype 'fp8'"),
         ("non-number flag", [*train, "--data", ok, "--lr", "fast"], "invalid float value"),
         ("toml wrong type", ["train", "--config", toml_bad], "n_layer must be a int"),

@@ -1,4 +1,5 @@
-"""The CUDA path: bf16 autocast, torch.compile, exact resume, the KV cache, NCCL data parallelism.
+"""The CUDA path: bf16 autocast, float16 with its gradient scaler (a T4-like GPU), torch.compile,
+exact resume, the KV cache, NCCL data parallelism.
 
 Marked ``cuda`` (left out of the default run): ``python -m pytest -m cuda -n 0`` on a machine
 with a GPU (one process: the tests take the GPUs in turn), or ``benchmarks/gpu_check.sh``. Every
@@ -7,6 +8,7 @@ test needs a GPU; the NCCL test needs two.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -49,6 +51,33 @@ def test_a_killed_cuda_run_resumes_bitwise(small_text, tmp_path):
     assert proc.returncode == -9, proc.stderr
     assert main_in_process("train", "--resume", run) == 0
     assert weights_digest(run) == weights_digest(ref)
+
+
+def test_a_t4_like_gpu_trains_in_float16_and_resumes_bitwise(small_text, tmp_path, monkeypatch,
+                                                             capsys):
+    """A T4 (compute capability 7.5: float16 tensor cores, no bf16) is where ``--dtype auto``
+    picks float16. Any newer GPU plays one here: ``TINYGPT_NATIVE_BF16=0`` says it has no bf16.
+    The run learns with float32 weights, logs its loss scale and skipped steps, and a killed run
+    resumes bitwise (the scaler's state comes back from the checkpoint)."""
+    monkeypatch.setenv("TINYGPT_NATIVE_BF16", "0")
+    kw = {**GPU, "dtype": "auto"}
+    ref = tmp_path / "ref"
+    assert main_in_process("train", *flags(tiny_settings(small_text, ref, **kw))) == 0
+    assert "mixed precision: float16 matrix products" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["val_loss"] < lines[0]["val_loss"] - 0.5
+    assert lines[-1]["loss_scale"] > 0 and lines[-1]["skipped_steps"] >= 0
+    assert all(p.dtype == torch.float32 for p in load_checkpoint(ref).model.parameters())
+
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "tinygpt", "train",
+                           *flags(tiny_settings(small_text, run, **kw))],
+                          env=env(TINYGPT_FAULT_AFTER="step@17", TINYGPT_NATIVE_BF16="0"),
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert main_in_process("train", "--resume", run) == 0
+    assert weights_digest(run) == weights_digest(ref)
+    assert losses(run) == losses(ref)
 
 
 def test_cached_generation_on_the_gpu_matches_the_uncached_loop(small_text, tmp_path):

@@ -140,8 +140,9 @@ def test_dtype_choice():
     assert autocast_dtype("float32", cpu) is None
     assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
     assert autocast_dtype("auto", cpu) is (torch.bfloat16 if native_bf16(cpu) else None)
-    with pytest.raises(ValueError, match="unknown dtype 'float16'"):
-        TrainConfig.resolve({"dtype": "float16"})
+    assert autocast_dtype("float16", cpu) is torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        TrainConfig.resolve({"dtype": "float8"})
 
 
 def test_bfloat16_training_learns_and_keeps_float32_weights(small_text, tmp_path):

@@ -9,7 +9,8 @@ A run directory (checkpoint format 3) looks like::
         optimizer.pt           optimizer state  } tensors and plain data only,
         rng.pt                 random states    } loaded with torch.load(weights_only=True)
         state.json             format version, model kind + config, tokenizer, train config,
-                               corpus fingerprint, step, losses, best val, time used...
+                               corpus fingerprint, step, losses, best val, time used, and in
+                               float16 runs the gradient scaler's state (``grad_scaler``)...
         manifest.json          size and sha256 of every file above; written last
       step-001000/
       last -> step-001000      symbolic links, switched atomically once a step folder is complete
@@ -78,7 +79,8 @@ FAULT_RANK_ENV = "TINYGPT_FAULT_RANK"
 FAULT_ONCE_ENV = "TINYGPT_FAULT_ONCE"
 
 Warn = Callable[[str], None]
-
+# What torch.amp.GradScaler.state_dict() holds: plain numbers, saved in state.json.
+GRAD_SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
 class CheckpointError(TinyGPTError):
@@ -673,6 +675,19 @@ def load_checkpoint(
     return ckpt
 
 
+def check_grad_scaler(saved) -> None:
+    """Refuse a ``grad_scaler`` entry of ``state.json`` that is not a scaler's state (None: the
+    run was not in float16)."""
+    if saved is None:
+        return
+    numbers = isinstance(saved, dict) and all(
+        isinstance(saved.get(k), (int, float)) and not isinstance(saved.get(k), bool)
+        for k in GRAD_SCALER_KEYS)
+    scale = saved.get("scale") if numbers else None
+    if scale is None or not (0 < scale < float("inf")):
+        raise CheckpointError(f"{STATE} holds a damaged grad_scaler (the float16 loss scale)")
+
+
 def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> TrainingCheckpoint:
     """The newest complete checkpoint of a run with its optimizer and random states."""
     run_dir = resolve_run_path(Path(run_dir))
@@ -703,6 +718,7 @@ def load_training_checkpoint(run_dir: Path, warn: Warn | None = None) -> Trainin
         for key in ("python", "numpy", "torch_cpu"):
             if key not in rng_state:
                 raise CheckpointError(f"{RNG} lacks the {key!r} random state")
+        check_grad_scaler(state.get("grad_scaler"))
         return TrainingCheckpoint(folder, state, weights, optimizer_state, rng_state)
 
     return _first_usable(run_dir, candidates, load, warn)

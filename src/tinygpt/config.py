@@ -29,7 +29,7 @@ from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
 from tinygpt.models.config import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
 
-DTYPES = ("float32", "bfloat16", "auto")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 TOKENIZER_KINDS = ("char", "bpe")
 DEFAULT_BPE_VOCAB = 1024
 
@@ -293,8 +293,11 @@ class RunConfig:
     device: str = setting("auto", DEVICE_HELP, resume=RESUME_CHANGE)
     dtype: str = setting(
         "float32", "float32; bfloat16 (mixed precision: bf16 matrix products, float32 weights); "
-        "auto: bfloat16 where the hardware multiplies it natively (CPUs with AMX or AVX512-BF16, "
-        "CUDA GPUs with bf16), float32 elsewhere", choices=DTYPES,
+        "float16 (the same in fp16, with a gradient scaler; a step whose gradients overflow is "
+        "skipped and counted); auto: bfloat16 where the hardware multiplies it natively (CPUs "
+        "with AMX or AVX512-BF16, CUDA GPUs from Ampere on), float16 on older CUDA GPUs with "
+        "tensor cores (V100, T4, RTX 20 series), float32 elsewhere (never float16 on a CPU, "
+        "where it is emulated)", choices=DTYPES,
     )
     dist_timeout: str = setting(
         "10m", "under torchrun: how long a rank waits for the others (rendezvous, gradient "
@@ -305,6 +308,11 @@ class RunConfig:
         False, "compile the training step with torch.compile (on a CPU it needs a C++ compiler); "
         "the first step then takes seconds to a minute, counted in the training time",
         resume=RESUME_CHANGE,
+    )
+    tensorboard: str | None = setting(
+        None, "also write TensorBoard event files into this folder (losses, bits/char, learning "
+        "rate, tokens/s, the end sample, the loss figure); needs the tensorboard package (pip "
+        "install 'tinygpt[tensorboard]')", metavar="DIR", resume=RESUME_CHANGE,
     )
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Which device to run on, and whether it multiplies bfloat16 natively.
+"""Which device to run on, whether it multiplies bfloat16 natively, and the autocast dtype.
 
 Every command (train, sample, eval, serve) reads ``--device`` through ``pick_device``, so a bad
 name gives the same one-line error everywhere. ``native_bf16`` is the one place that decides
@@ -108,12 +108,29 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``--dtype name`` on ``device``; None means plain float32."""
+    """The autocast dtype for ``--dtype name`` on ``device``; None means plain float32.
+
+    ``auto``: bfloat16 where it is native (``native_bf16``); float16 on a CUDA GPU without it
+    that has tensor cores (compute capability 7.0+: V100, T4, the RTX 20 series), which needs the
+    gradient scaler ``tinygpt.runs`` builds; float32 everywhere else. Never float16 on a CPU:
+    there it is emulated (``--dtype float16`` asked for explicitly still is, for tests). MPS has
+    its own rules (``mps_autocast_dtype``).
+    """
     if torch.device(device).type == "mps":
         return mps_autocast_dtype(name)
     if name == "bfloat16" or (name == "auto" and native_bf16(device)):
         return torch.bfloat16
+    if name == "float16" or (name == "auto" and _cuda_tensor_cores(torch.device(device))):
+        return torch.float16
     return None
+
+
+def _cuda_tensor_cores(device: torch.device) -> bool:
+    """A CUDA device that multiplies float16 on tensor cores (compute capability 7.0 or newer)."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (7, 0)
 
 
 # ---------------------------------------------------------------------------------- Apple's MPS

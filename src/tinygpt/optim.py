@@ -6,7 +6,12 @@ whose updates it orthogonalises, and AdamW for everything Muon is not meant for:
 output head, biases and norm gains. Both live behind one object with the optimizer methods the
 training loop uses. Muon's Newton-Schulz iterations run in bfloat16 only where the device
 multiplies bf16 natively (``tinygpt.device.native_bf16``), in float32 everywhere else -- and
-there, for wide matrices, in the Gram order, which needs fewer products.
+there, for wide matrices, in the Gram order, which needs fewer products. Never in float16,
+whose narrow range (its smallest normal number is 6e-5) would lose the small entries of the
+normalised matrices and their powers: in a ``--dtype float16`` run (a T4, say) the weights,
+gradients, momentum and iterations are all float32; only the forward and backward passes run
+under float16 autocast, and the optimizers see gradients the scaler has already divided back to
+their true size.
 
 Schedules return a *factor* in [0, 1] that multiplies each parameter group's own peak learning
 rate, so Muon and AdamW groups with different peaks follow the same curve. ``batch_size_at`` is

@@ -7,8 +7,8 @@
 - ``--init-from``: another run's weights with a new optimizer and schedule;
 - every random state (Python, numpy, torch, the batch generator), captured and restored;
 - signals: the first SIGINT/SIGTERM asks the loop to save and stop, a second aborts;
-- ``Run``: the model, optimizer, corpus and batches a training run is made of, built from a
-  ``TrainConfig`` (and a checkpoint to continue).
+- ``Run``: the model, optimizer, gradient scaler, corpus and batches a training run is made of,
+  built from a ``TrainConfig`` (and a checkpoint to continue).
 
 The loop itself lives in ``tinygpt.train`` and reads only ``Run`` and its own state.
 """
@@ -23,8 +23,9 @@ import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -56,7 +57,15 @@ from tinygpt.models import GPTConfig, build_model, make_config
 from tinygpt.optim import CombinedOptimizer, build_optimizer
 from tinygpt.tokenizer import CharTokenizer, tokenizer_from_dict
 
+if TYPE_CHECKING:
+    from tinygpt.tensorboard import TensorBoardLog
+
 RUN_CONFIG = "config.json"  # the run's settings, written when it starts
+# The float16 loss scale a run starts from (PyTorch's default): the loss is multiplied by it
+# before the backward pass, so that small gradients do not round to zero in float16.
+INIT_LOSS_SCALE = 2.0**16
+# A step skipped at this scale or below stops the run: the gradients overflow float16 unscaled.
+MIN_LOSS_SCALE = 1.0
 
 _GPT_DEFAULTS = {f.name: f.default for f in fields(GPTConfig)}  # for checkpoints older than a field
 
@@ -92,6 +101,23 @@ def data_record(cfg: TrainConfig, corpus: Corpus) -> dict:
         "encoding_errors": cfg.data.encoding_errors,
         "num_tokens": len(corpus.tokens),
     }
+
+
+def make_grad_scaler(amp_dtype: torch.dtype | None, device: torch.device,
+                     saved: dict | None = None) -> torch.amp.GradScaler:
+    """The gradient scaler of a float16 run, from ``saved`` (a checkpoint's ``grad_scaler``) when
+    continuing one; in every other run a disabled scaler, whose methods change nothing.
+
+    A float16 backward pass underflows below 6e-8: the scaler multiplies the loss by a large
+    factor first, divides the gradients by it before clipping and the update, skips the update
+    when they hold inf or NaN (the factor was too large) and halves the factor then; after 2000
+    clean steps in a row it doubles it. bfloat16 has float32's range and needs none of this.
+    """
+    enabled = amp_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type, init_scale=INIT_LOSS_SCALE, enabled=enabled)
+    if enabled and saved is not None:
+        scaler.load_state_dict(saved)
+    return scaler
 
 
 # ------------------------------------------------------------------------------- random states
@@ -439,6 +465,10 @@ class Run:
     log: Callable[[str], None] = print
     dist: DistEnv = SINGLE  # this process's place in a torchrun job
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper, when there is one
+    # float16 loss scaling (see make_grad_scaler); disabled in float32 and bfloat16 runs
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    board: TensorBoardLog | None = None  # --tensorboard's writer, opened once the run starts
 
 
 def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
@@ -495,9 +525,10 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
         warn(f"--compile is not used on {device.type}: PyTorch's compiler backend for it is a "
              f"prototype; training runs the model uncompiled")
     forward = torch.compile(forward) if cfg.run.compile and compile_supported(device) else forward
-    return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer,
-               autocast_dtype(cfg.run.dtype, device), _eval_batches(cfg, corpus, device), base_state,
-               init, log, dist_env, ddp)
+    amp_dtype = autocast_dtype(cfg.run.dtype, device)
+    scaler = make_grad_scaler(amp_dtype, device, resume.state.get("grad_scaler") if resume else None)
+    return Run(cfg, Path(cfg.run_dir), device, corpus, model, forward, optimizer, amp_dtype,
+               _eval_batches(cfg, corpus, device), base_state, init, log, dist_env, ddp, scaler)
 
 
 def check_batch_split(cfg: TrainConfig, env: DistEnv) -> None:

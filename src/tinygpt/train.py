@@ -9,6 +9,11 @@ data, batches) is one ``Run``.
 ``--max-time`` budgets training time: evaluations and checkpoints do not eat into it, so how often
 one evaluates does not change what the budget buys. On the CPU a resumed run ends bitwise
 identical to a run that never stopped, whether it was stopped by a signal, a crash or SIGKILL.
+
+With ``--dtype float16`` the loss is scaled before the backward pass (``Run.scaler``, see
+``tinygpt.runs.make_grad_scaler``) and the gradients unscaled before clipping; a step whose
+gradients overflow float16 changes no weight and is counted (``skipped_steps``, in the progress
+line, ``metrics.jsonl`` and every checkpoint, which also holds the scaler's state).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
 from tinygpt.models.modes import eval_mode
 from tinygpt.optim import batch_size_at, lr_factor, tokens_seen
 from tinygpt.runs import (
+    MIN_LOSS_SCALE,
     Run,
     SignalCatcher,
     build_run,
@@ -62,6 +68,7 @@ from tinygpt.runs import (
     run_lock,
     write_run_config,
 )
+from tinygpt.tensorboard import TensorBoardLog, require_tensorboard
 from tinygpt.tokenizer import Tokenizer
 
 
@@ -89,6 +96,7 @@ class LoopState:
     best_step: int | None = None
     lr: float = 0.0
     tokens_per_s: float = 0.0
+    skipped_steps: int = 0  # float16: steps whose gradients overflowed, so nothing was updated
     saved_step: int | None = None  # the step of the newest checkpoint on disk
     saved_at: float = 0.0  # time.monotonic() of that checkpoint (for --save-every)
 
@@ -100,6 +108,7 @@ class LoopState:
             train_loss=st.get("train_loss", math.nan), val_loss=st.get("val_loss", math.nan),
             best_val=math.inf if best is None else best, best_step=st.get("best_step"),
             lr=st.get("lr", 0.0), tokens_per_s=st.get("tokens_per_s", 0.0),
+            skipped_steps=int(st.get("skipped_steps", 0)),
             saved_step=st["step"], saved_at=time.monotonic(),
         )
 
@@ -122,6 +131,8 @@ def train(
     (and in the main thread) SIGINT/SIGTERM save a checkpoint and raise ``TrainingInterrupted``.
     """
     warn = warn or warn_stderr
+    if cfg.run.tensorboard:
+        require_tensorboard()  # before any work: a missing package is one line
     run = build_run(cfg, resume, warn, log, init)
     main = run.dist.is_main  # rank 0 of a torchrun job (or the only process) writes the run
     with run_lock(run.run_dir) if main else contextlib.nullcontext():
@@ -137,6 +148,7 @@ def train(
         barrier(run.dist)  # the other ranks start once the run directory is ready
         if main:
             _announce(run, state, resume)
+            run.board = _open_board(cfg, resume)
         hide = (None if progress_bar is None else not progress_bar) if main else True
         bar = tqdm(total=cfg.run.max_steps if cfg.run.max_time is None else None, initial=state.step,
                    disable=hide, unit="step", dynamic_ncols=True, leave=False)
@@ -146,12 +158,17 @@ def train(
                     restore_rng(resume.rng_state)
                 train_loop(run, state, bar, catcher,
                            skip_eval=resume is not None and resume.state.get("evaluated"))
+            result = _result(run, state)
+            if run.board is not None:
+                run.board.finish(state.step, result.sample, run.run_dir / "loss.png")
         except TrainingInterrupted as e:
             e.step, e.checkpoint_step, e.run_dir = state.step, state.saved_step, str(run.run_dir)
             raise
         finally:
             bar.close()
-    return _result(run, state)
+            if run.board is not None:
+                run.board.close()
+    return result
 
 
 def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
@@ -180,10 +197,19 @@ def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
                 _stop_for_signal(run, state, signum)
             loss = training_step(run, state)
             bar.update(1)
-            postfix = {"loss": f"{loss:.4f}", "tok/s": f"{state.tokens_per_s:,.0f}"}
-            if rc.max_time_s is not None:
-                postfix["left"] = f"{max(rc.max_time_s - state.elapsed, 0):.0f}s"
-            bar.set_postfix(postfix, refresh=False)
+            bar.set_postfix(progress_postfix(run, state, loss), refresh=False)
+
+
+def progress_postfix(run: Run, state: LoopState, loss: float) -> dict[str, str]:
+    """What the progress bar shows after the step count: the loss, tokens/s, in float16 runs the
+    skipped steps, and with ``--max-time`` the training time left."""
+    postfix = {"loss": f"{loss:.4f}", "tok/s": f"{state.tokens_per_s:,.0f}"}
+    if run.scaler.is_enabled():
+        postfix["skipped"] = str(state.skipped_steps)
+    rc = run.cfg.run
+    if rc.max_time_s is not None:
+        postfix["left"] = f"{max(rc.max_time_s - state.elapsed, 0):.0f}s"
+    return postfix
 
 
 def training_step(run: Run, state: LoopState) -> float:
@@ -202,6 +228,7 @@ def training_step(run: Run, state: LoopState) -> float:
     x, y = x.to(run.device), y.to(run.device)  # (B/W, T) inputs and (B/W, T) next characters
 
     optimizer.zero_grad(set_to_none=True)
+    scaler = run.scaler  # float16: scales the loss up and the gradients back (else: no-ops)
     K, losses = d.grad_accum, []
     with compile_errors():
         for k, (xk, yk) in enumerate(micro_batches(x, y, K)):
@@ -211,24 +238,21 @@ def training_step(run: Run, state: LoopState) -> float:
             with no_sync(run.ddp, sync=k == K - 1):
                 with torch.autocast(run.device.type, run.amp_dtype, enabled=run.amp_dtype is not None):
                     _, loss = run.forward(xk, yk)
-                (loss / K).backward()
+                scaler.scale(loss / K).backward()
             losses.append(loss.detach())
+    scaler.unscale_(optimizer)  # the true gradients, for the clip and the update
     clip = cfg.optim.grad_clip
     grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                  if clip > 0 else torch.zeros(()))
     loss_value = torch.stack(losses).mean().item()
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm.item())):
+    # Under the scaler, gradients that overflow float16 skip the step; a loss that is not finite
+    # (computed before any scaling) means the model itself diverged, as in float32.
+    if not math.isfinite(loss_value) or not (scaler.is_enabled() or math.isfinite(grad_norm.item())):
         raise TinyGPTError(
             f"loss became {loss_value} (gradient norm {grad_norm.item()}) at step {state.step}; "
             f"training stopped before the update{newest_note(state.saved_step)} -- try a lower --lr"
         )
-    try:
-        optimizer.step()
-    except RuntimeError as e:  # e.g. an LR too large for float32
-        raise TinyGPTError(
-            f"the update at step {state.step} failed ({str(e).strip().splitlines()[0]}); "
-            f"training stopped{newest_note(state.saved_step)} -- try a lower --lr"
-        ) from None
+    optimizer_step(run, state)
 
     state.step += 1
     fault_point("step", state.step)
@@ -237,6 +261,30 @@ def training_step(run: Run, state: LoopState) -> float:
     rate = B * T / max(dt, 1e-9)
     state.tokens_per_s = rate if state.step == 1 else 0.9 * state.tokens_per_s + 0.1 * rate
     return loss_value
+
+
+def optimizer_step(run: Run, state: LoopState) -> None:
+    """The optimizer step; under float16 the scaler's: skipped (and counted) when the gradients
+    hold inf or NaN, and the loss scale adjusted."""
+    scaler = run.scaler
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    try:
+        scaler.step(run.optimizer)  # the plain optimizer step without float16
+    except RuntimeError as e:  # e.g. an LR too large for float32
+        raise TinyGPTError(
+            f"the update at step {state.step} failed ({str(e).strip().splitlines()[0]}); "
+            f"training stopped{newest_note(state.saved_step)} -- try a lower --lr"
+        ) from None
+    scaler.update()
+    if not scaler.is_enabled() or scaler.get_scale() >= scale:
+        return
+    state.skipped_steps += 1  # the scale only falls when the step found inf/NaN gradients
+    if scale <= MIN_LOSS_SCALE:
+        raise TinyGPTError(
+            f"the gradients overflow float16 even unscaled (loss scale {scale:g}) at step "
+            f"{state.step}; training stopped{newest_note(state.saved_step)} -- try a lower --lr, "
+            f"or --dtype bfloat16 or float32"
+        )
 
 
 def lr_multiplier(cfg: TrainConfig, step: int, elapsed: float) -> float:
@@ -299,6 +347,8 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
                               cfg.data.batch_warmup_steps, cfg.model.block_size),
         "elapsed_s": round(state.elapsed, 3), "tokens_per_s": round(state.tokens_per_s, 1),
     }
+    if run.scaler.is_enabled():
+        record.update(skipped_steps=state.skipped_steps, loss_scale=run.scaler.get_scale())
     improved = state.val_loss < state.best_val
     if improved:
         state.best_val, state.best_step = state.val_loss, state.step
@@ -310,8 +360,11 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
     with open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     _plot_losses(run.run_dir)
+    if run.board is not None:
+        run.board.record(record)
+    skipped = f", {state.skipped_steps} skipped steps" if state.skipped_steps else ""
     bar.write(f"step {state.step:>6}: train loss {state.train_loss:.4f}, "
-              f"val loss {state.val_loss:.4f} ({record['val_bpc']:.3f} bits/char)")
+              f"val loss {state.val_loss:.4f} ({record['val_bpc']:.3f} bits/char){skipped}")
 
 
 def save(run: Run, state: LoopState, record: dict | None, improved: bool) -> None:
@@ -330,6 +383,8 @@ def _write_checkpoint(run: Run, state: LoopState, record: dict | None, improved:
         "best_step": state.best_step, "elapsed_s": state.elapsed, "lr": state.lr,
         "tokens_per_s": state.tokens_per_s, "evaluated": record is not None, "metrics": record,
     }
+    if run.scaler.is_enabled():  # float16: what resuming needs to scale exactly as before
+        ckpt_state.update(skipped_steps=state.skipped_steps, grad_scaler=run.scaler.state_dict())
     save_run_checkpoint(run.run_dir, run.model, run.optimizer, ckpt_state, capture_rng(),
                         is_best=improved, keep=run.cfg.run.keep)
 
@@ -370,7 +425,10 @@ def _announce(run: Run, state: LoopState, resume: TrainingCheckpoint | None) -> 
         log(f"weights from {run.init.path} (step {run.init.state.get('step')}); new optimizer "
             f"and schedule")
     if run.amp_dtype is not None:
-        log("mixed precision: bfloat16 matrix products, float32 weights and optimizer")
+        name = str(run.amp_dtype).removeprefix("torch.")
+        scaled = ", the loss scaled (steps whose gradients overflow are skipped)" if (
+            run.scaler.is_enabled()) else ""
+        log(f"mixed precision: {name} matrix products, float32 weights and optimizer{scaled}")
     if run.forward is not (run.ddp or run.model):
         log("compiling the model with torch.compile: the first step takes a while")
     if resume is not None:
@@ -378,6 +436,19 @@ def _announce(run: Run, state: LoopState, resume: TrainingCheckpoint | None) -> 
         if cfg.run.max_steps is not None and state.step >= cfg.run.max_steps:
             log(f"the run already reached --max-steps {cfg.run.max_steps}; give a larger one to go "
                 f"further")
+
+
+def _open_board(cfg: TrainConfig, resume: TrainingCheckpoint | None) -> TensorBoardLog | None:
+    """``--tensorboard``'s writer; a resumed run hides the events logged after its checkpoint
+    and logs the checkpoint's own evaluation again (the loop does not repeat it)."""
+    if not cfg.run.tensorboard:
+        return None
+    if resume is None:
+        return TensorBoardLog(cfg.run.tensorboard)
+    board = TensorBoardLog(cfg.run.tensorboard, purge_step=resume.step)
+    if resume.state.get("evaluated") and resume.state.get("metrics"):
+        board.record(resume.state["metrics"])
+    return board
 
 
 def _result(run: Run, state: LoopState) -> TrainResult:

@@ -111,10 +111,12 @@ def test_attention_takes_the_fused_sdpa_kernel_on_cpu():
     assert any("flash_attention" in n for n in names), sorted(n for n in names if "attention" in n)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("option", ["classic", "all_modern"])
-def test_attention_runs_in_float32_under_cpu_bfloat16_autocast(option, monkeypatch):
-    """The CPU flash kernel's bf16 backward is slow, so under bf16 autocast the attention alone is
-    computed in float32 (and the rest in bf16). The result stays close to the float32 model's."""
+def test_attention_runs_in_float32_under_cpu_autocast(option, dtype, monkeypatch):
+    """The CPU flash kernel's bf16 backward is slow (and float16 is emulated), so under CPU
+    autocast the attention alone is computed in float32 (and the rest in bf16 or fp16). The
+    result stays close to the float32 model's."""
     import torch.nn.functional as F
 
     import tinygpt.models.gpt as gpt_module
@@ -130,13 +132,13 @@ def test_attention_runs_in_float32_under_cpu_bfloat16_autocast(option, monkeypat
     model = model_with(option).train()
     idx = torch.randint(0, 13, (3, 16))
     _, loss32 = model(idx, idx)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         logits, loss = model(idx, idx)
-    assert logits.dtype == torch.bfloat16  # the head's matmul did run in bf16
+    assert logits.dtype == dtype  # the head's matmul did run in bf16 / fp16
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     # Two layers, two forwards; inside autocast, autocast is off for the attention call (it would
-    # cast the inputs back to bf16 otherwise).
+    # cast the inputs back to bf16 / fp16 otherwise).
     assert seen == [(torch.float32, torch.float32, torch.float32, False)] * 4
     assert loss.item() == pytest.approx(loss32.item(), abs=0.02)
 

@@ -12,7 +12,7 @@ Read it in the lecture's order:
 5. ``GPT`` -- token and position embeddings, a stack of blocks, a final LayerNorm, a linear head.
 
 Options from later small-transformer work (rotary positions, RMSNorm, QK-norm, ReLU², SwiGLU,
-a tied head, zero-init, a logit soft-cap, float32 attention under CPU bfloat16 autocast) are
+a tied head, zero-init, a logit soft-cap, float32 attention under reduced-precision autocast) are
 chosen once when the model is built, by the helpers in ``tinygpt.models.gpt_options``; with the
 defaults the model is the lecture's.
 

@@ -3,8 +3,8 @@
 Each option is chosen once, when the model is built, through the small helpers below: which
 normalisation (``make_norm``), which feed-forward nonlinearity (``activation``), rotary positions
 (``rope_rotations`` / ``apply_rope``), zero-initialisation and a tied head (``init_weights``),
-the logit soft-cap (``soft_cap``) and the float32 attention under CPU bfloat16 autocast
-(``attention_in_float32``). The values each option may take, and their checks, are in
+the logit soft-cap (``soft_cap``) and float32 attention under CPU autocast and CUDA float16
+autocast (``attention_in_float32``). The values each option may take, and their checks, are in
 ``tinygpt.models.config``.
 """
 
@@ -90,12 +90,24 @@ def ffn_width(kind: str, n_embd: int) -> int:
 
 
 def attention_in_float32(x: torch.Tensor) -> bool:
-    """Whether attention on the activations ``x`` runs in float32: under bfloat16 autocast on a
-    CPU it does, because the CPU flash kernel's bf16 backward is several times slower than its
-    float32 one, and attention is a small share of the FLOPs. (Elsewhere, and in float32 runs,
-    nothing changes.)"""
-    return (x.is_cpu and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    """Whether attention on the activations ``x`` makes its queries, keys and values in float32.
+
+    - Under CPU autocast (bfloat16 or float16) the whole attention runs in float32: the CPU flash
+      kernel's bf16 backward is several times slower than its float32 one (fp16 is emulated
+      altogether), and attention is a small share of the FLOPs.
+    - Under CUDA float16 autocast, the QK-norm and the rotations run in float32 (float16 ends
+      at 65504: a norm computed op by op squares its inputs, which overflows above 256);
+      autocast then hands the fused kernel float16 inputs, and it accumulates the scores and
+      the softmax in float32 itself.
+
+    Elsewhere (bfloat16 on a GPU, whose range is float32's; float32 runs) nothing changes. The
+    loss needs no rule: autocast computes cross-entropy in float32 on every device.
+    """
+    if x.is_cpu:
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in (
+            torch.bfloat16, torch.float16)
+    return (x.is_cuda and torch.is_autocast_enabled("cuda")
+            and torch.get_autocast_dtype("cuda") == torch.float16)
 
 
 _UNCHANGED = contextlib.nullcontext()
