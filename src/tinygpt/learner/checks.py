@@ -208,7 +208,8 @@ def check_learns(ctx: _Ctx) -> str:
     if dead:
         shown = ", ".join(dead[:4]) + (f" and {len(dead) - 4} more" if len(dead) > 4 else "")
         raise _Fail(f"{len(dead)} parameter(s) get no gradient: {shown} -- is every layer made "
-                    f"in __init__ used in forward?")
+                    f"in __init__ used in forward, and not cut off by .detach() or "
+                    f"torch.no_grad()?")
     n = sum(p.numel() for p in model.parameters())
     return f"all {n:,} parameters get a gradient"
 
@@ -353,6 +354,25 @@ def require_checks(spec: str, log: Callable[[str], None]) -> None:
         failed = ", ".join(TITLES[c.name] for c in report.checks if c.status == FAIL)
         raise TinyGPTError(f"{spec} failed tinygpt check ({failed}; see above): fix the model, "
                            f"or train it anyway with --no-check")
+
+
+def run_check(spec: str, name: str) -> Check:
+    """One check of ``FILE.py[:NAME]`` (by its name in ``CHECKS``, after "builds")."""
+    path, cls_name = parse_spec(spec)
+    loaded = load_file(path)
+    ctx = _Ctx(loaded, find_class(loaded, cls_name))
+    ctx.init_loss = None
+    report = Report(file=str(path))
+    fn = {"forward": check_forward, "init_loss": check_init_loss, "causal": check_causal,
+          "learns": check_learns, "overfit": check_overfit, "generate": check_generate,
+          "eval": check_eval, "scale": lambda c: check_scale(c, c.model())}[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run(ctx, report, name, fn)
+    finally:
+        torch.set_num_threads(threads)
+    return report.checks[0]
 
 
 def _check_spec(spec: str) -> Report:

@@ -42,7 +42,9 @@ def check_in_process(spec: str, timeout_s: float = DEFAULT_TIMEOUT_S,
                      memory: int | None = DEFAULT_MEMORY) -> dict:
     """``tinygpt check --json SPEC`` in a child process; a row whatever becomes of it."""
     cmd = [sys.executable, "-m", "tinygpt", "check", "--json", spec]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    here = str(Path(__file__).resolve().parents[2])  # the child imports this same tinygpt
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     limit = (lambda: _limit_memory(memory)) if memory and os.name == "posix" else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True, preexec_fn=limit)

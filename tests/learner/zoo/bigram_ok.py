@@ -1,3 +1,4 @@
+# ruff: noqa
 # The lecture's first model, in its own script.
 import torch
 import torch.nn as nn

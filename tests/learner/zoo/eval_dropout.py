@@ -1,3 +1,4 @@
+# ruff: noqa
 # Bug: F.dropout without training=self.training keeps dropping in eval().
 import torch
 import torch.nn as nn

@@ -1,3 +1,4 @@
+# ruff: noqa
 # A GPT written along with the lecture, script and all: the training part below the classes
 # must never run when tinygpt checks or trains this file (there is no input.txt next to it).
 import torch

@@ -1,3 +1,4 @@
+# ruff: noqa
 # The instructor's case: a file whose class body never ends.
 import torch.nn as nn
 

@@ -1,3 +1,4 @@
+# ruff: noqa
 # Bug: generate feeds the whole text, never cropped to block_size.
 import torch
 import torch.nn as nn

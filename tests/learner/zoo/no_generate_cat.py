@@ -1,3 +1,4 @@
+# ruff: noqa
 # Bug: generate returns only the new token, not the whole sequence.
 import torch
 import torch.nn as nn

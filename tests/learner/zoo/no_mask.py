@@ -1,3 +1,4 @@
+# ruff: noqa
 # Bug: the causal mask is forgotten (every position sees the future).
 import torch
 import torch.nn as nn

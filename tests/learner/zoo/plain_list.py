@@ -1,3 +1,4 @@
+# ruff: noqa
 # Bug: the heads are kept in a plain Python list, not nn.ModuleList.
 import torch
 import torch.nn as nn

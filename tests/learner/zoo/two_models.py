@@ -1,3 +1,4 @@
+# ruff: noqa
 # Two model classes: name one.
 import torch
 import torch.nn as nn

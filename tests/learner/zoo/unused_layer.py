@@ -1,3 +1,4 @@
+# ruff: noqa
 # Bug: a layer made in __init__ is never used in forward.
 import torch
 import torch.nn as nn

@@ -1,3 +1,4 @@
+# ruff: noqa
 # The lecture's slip: attention scores scaled by C**-0.5, C the embedding width.
 import torch
 import torch.nn as nn
