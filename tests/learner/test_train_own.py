@@ -41,9 +41,10 @@ def own_model(tmp_path) -> Path:
 def test_train_sample_eval_resume_a_class_of_ones_own(own_model, small_text, tmp_path, capsys):
     run = tmp_path / "run"
     spec = f"{own_model}:GPTLanguageModel"
-    assert main(["train", "--model", spec, "--data", str(small_text), "--out", str(run), *TINY]) == 0
+    assert main(["train", "--model", spec, "--data", str(small_text), "--out", str(run), *TINY,
+                 "--no-check"]) == 0
     out = capsys.readouterr().out
-    assert "all checks pass" in out and "--- sample ---" in out
+    assert "--- sample ---" in out
     state = json.loads((run / "best" / "state.json").read_text())
     mc = state["model_config"]
     assert mc["name"] == "GPTLanguageModel" and mc["path"] == str(own_model.resolve())
