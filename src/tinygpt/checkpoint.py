@@ -56,7 +56,7 @@ from safetensors.torch import load_file, save_file
 
 from tinygpt.errors import TinyGPTError
 from tinygpt.files import atomic_write, fsync_dir, read_json_object, sha256_file, usual_mode, write_json
-from tinygpt.learner.source import build_recorded
+from tinygpt.learner.source import build_recorded, follow_device
 from tinygpt.learner.spec import LearnerConfig, is_learner_kind
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import Tokenizer, tokenizer_from_dict
@@ -591,6 +591,7 @@ def load_checkpoint(
 
     ckpt = _first_usable(run_dir, _candidates(run_dir, which), load, warn)
     ckpt.model.to(device)
+    follow_device(ckpt.model, device)
     ckpt.model.eval()
     return ckpt
 

@@ -67,6 +67,7 @@ class _Ctx:
 
     def __init__(self, loaded: LoadedFile, cls: type) -> None:
         self.loaded, self.cls = loaded, cls
+        self.init_loss: float | None = None  # set by check_init_loss
         self.V, self.T = CHECK_SIZES["vocab_size"], CHECK_SIZES["block_size"]
         g = torch.Generator().manual_seed(0)
         self.x = torch.randint(0, self.V, (4, self.T), generator=g)
@@ -361,7 +362,6 @@ def run_check(spec: str, name: str) -> Check:
     path, cls_name = parse_spec(spec)
     loaded = load_file(path)
     ctx = _Ctx(loaded, find_class(loaded, cls_name))
-    ctx.init_loss = None
     report = Report(file=str(path))
     fn = {"forward": check_forward, "init_loss": check_init_loss, "causal": check_causal,
           "learns": check_learns, "overfit": check_overfit, "generate": check_generate,
@@ -382,7 +382,6 @@ def _check_spec(spec: str) -> Report:
     cls = find_class(loaded, name)
     report.cls = cls.__name__
     ctx = _Ctx(loaded, cls)
-    ctx.init_loss = None
     try:
         model = ctx.model()
     except LearnerFileError as e:

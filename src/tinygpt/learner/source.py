@@ -152,7 +152,7 @@ def learner_model(config: LearnerConfig, device: str = "cpu") -> tuple[nn.Module
     cls = find_class(loaded, config.name or None)
     config = dataclasses.replace(config, name=cls.__name__, sha256=loaded.sha256)
     model = build_model(cls, loaded, config.sizes(str(device)))
-    mark(model, config)
+    mark(model, config, loaded.module)
     return model, config
 
 
@@ -171,14 +171,24 @@ def build_recorded(config: LearnerConfig, device: str = "cpu") -> nn.Module:
 
 
 LEARNER_ATTR = "_tinygpt_learner"
+MODULE_ATTR = "_tinygpt_learner_module"
 
 
-def mark(model: nn.Module, config: LearnerConfig) -> None:
-    """Tag a learner's model with its record; ``model.config`` gives tinygpt's sampler the
-    context length and vocabulary when the class has no ``config`` of its own."""
+def mark(model: nn.Module, config: LearnerConfig, module: types.ModuleType) -> None:
+    """Tag a learner's model with its record and module; ``model.config`` gives tinygpt's sampler
+    the context length and vocabulary when the class has no ``config`` of its own."""
     object.__setattr__(model, LEARNER_ATTR, config)
+    object.__setattr__(model, MODULE_ATTR, module)
     if not hasattr(model, "config"):
         object.__setattr__(model, "config", config)
+
+
+def follow_device(model: nn.Module, device) -> None:
+    """After ``model.to(device)``: the lecture's forward reads the module global ``device``
+    (``torch.arange(T, device=device)``), which must name the device the weights are on."""
+    module = getattr(model, MODULE_ATTR, None)
+    if module is not None:
+        module.device = str(device)
 
 
 def learner_config(model: nn.Module) -> LearnerConfig | None:
