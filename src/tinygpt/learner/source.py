@@ -86,7 +86,7 @@ def load_file(path: str | Path) -> LoadedFile:
     code = compile(ast.Module(body=kept, type_ignores=[]), str(path.resolve()), "exec")
     try:
         exec(code, module.__dict__)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # os._exit cannot be caught: many files run apart
         raise LearnerFileError(f"{path}: its definitions fail to run: {type(e).__name__}: "
                                f"{_first_line(e)}") from None
     return LoadedFile(path.resolve(), module, file_sha256(path), skipped)
