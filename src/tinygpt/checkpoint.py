@@ -62,6 +62,8 @@ from safetensors.torch import load_file, save_file
 
 from tinygpt.errors import TinyGPTError
 from tinygpt.files import atomic_write, fsync_dir, read_json_object, sha256_file, usual_mode, write_json
+from tinygpt.learner.source import build_recorded, follow_device
+from tinygpt.learner.spec import LearnerConfig, is_learner_kind
 from tinygpt.models import build_model, make_config
 from tinygpt.tokenizer import Tokenizer, tokenizer_from_dict
 
@@ -634,14 +636,17 @@ def find_checkpoint(run_dir: Path, which: str = "best", warn: Warn | None = None
 
 
 def _model_from(folder: Path, state: dict) -> tuple[nn.Module, Tokenizer]:
+    own = is_learner_kind(state.get("model"))  # a class of the learner's own, from its file
     try:
-        config = make_config(state["model"], state["model_config"])
+        config = (LearnerConfig(**state["model_config"]) if own
+                  else make_config(state["model"], state["model_config"]))
         tokenizer = tokenizer_from_dict(state["tokenizer"])
     except (KeyError, TypeError, ValueError, TinyGPTError) as e:
         raise CheckpointError(
             f"{STATE} is not a valid checkpoint description: {_one_line(e)}"
         ) from None
-    model = build_model(state["model"], config)
+    # The learner's file is imported again: a missing or changed file is one line (TinyGPTError).
+    model = build_recorded(config) if own else build_model(state["model"], config)
     weights = load_weights(folder / WEIGHTS)
     try:
         model.load_state_dict(weights)
@@ -671,6 +676,7 @@ def load_checkpoint(
 
     ckpt = _first_usable(run_dir, _candidates(run_dir, which), load, warn)
     ckpt.model.to(device)
+    follow_device(ckpt.model, device)
     ckpt.model.eval()
     return ckpt
 

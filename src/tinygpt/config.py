@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from tinygpt.device import DEVICE_HELP, DEVICE_PATTERN
+from tinygpt.learner.spec import LearnerConfig, file_sha256, is_learner_kind, parse_spec, run_name
 from tinygpt.models import MODEL_KINDS, BigramConfig, GPTConfig
 from tinygpt.models.config import MLPS, NORMS, POS_EMBEDDINGS, QK_NORMS
 from tinygpt.optim import OPTIMIZERS, SCHEDULES
@@ -102,6 +103,22 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 DEFAULT_PRESET = {"gpt": "modern", "bigram": "bigram"}
+LEARNER_PRESET = "cpu"  # a class of one's own (FILE.py:NAME): the lecture's recipe at CPU size
+MODEL_HELP = ("model kind: bigram, gpt, or FILE.py:NAME, a model class of your own written as in "
+              "the lecture (built with --block-size, --n-embd, --n-head, --n-layer, --dropout; "
+              "checked first, see tinygpt check)")
+
+
+def model_kind(text: str) -> str:
+    """A ``--model`` value: one of ``MODEL_KINDS``, or ``FILE.py[:NAME]``; ``ValueError`` if not."""
+    if text in MODEL_KINDS or is_learner_kind(text):
+        return text
+    raise ValueError(f"invalid choice: {text!r} (choose from {', '.join(MODEL_KINDS)}, or "
+                     f"FILE.py:NAME for a model class of your own)")
+
+
+def preset_for(kind: str) -> str:
+    return LEARNER_PRESET if is_learner_kind(kind) else DEFAULT_PRESET[kind]
 
 
 def setting(default=None, help: str = "", *, factory=None, key: str | None = None,
@@ -304,6 +321,10 @@ class RunConfig:
         "averaging) before the run fails, e.g. 90s or 5m; a stalled rank stops the job in that "
         "time", metavar="DURATION", resume=RESUME_CHANGE,
     )
+    check: bool = setting(
+        True, "with --model FILE.py:NAME: run tinygpt check on the class first and stop if a "
+        "check fails (--no-check trains it anyway)", resume=RESUME_CHANGE,
+    )
     compile: bool = setting(
         False, "compile the training step with torch.compile (on a CPU it needs a C++ compiler); "
         "the first step then takes seconds to a minute, counted in the training time",
@@ -351,7 +372,7 @@ class TrainConfig:
     """Everything a training run is configured by; build it with ``resolve`` (presets applied)
     or ``from_dict`` (a saved run's flat settings)."""
 
-    kind: str = setting("gpt", "model kind", key="model", choices=MODEL_KINDS, init=INIT_SOURCE)
+    kind: str = setting("gpt", MODEL_HELP, key="model", init=INIT_SOURCE)
     preset: str | None = setting(None, "named set of defaults", choices=tuple(PRESETS))
     # The model's shape; with --model bigram only block_size is read (the bigram sees one token).
     model: GPTConfig = field(default_factory=_placeholder_model)
@@ -360,19 +381,36 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("model", self.kind, MODEL_KINDS, what="model")
+        model_kind(self.kind)
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
 
     @property
     def run_dir(self) -> str:
+        if is_learner_kind(self.kind):
+            return self.run.out or f"runs/{run_name(self.kind)}"
         return self.run.out or f"runs/{self.kind}"
 
-    def model_config(self, vocab_size: int) -> BigramConfig | GPTConfig:
+    def model_config(self, vocab_size: int) -> BigramConfig | GPTConfig | LearnerConfig:
         """The model to build once the tokenizer says how many tokens there are."""
+        if is_learner_kind(self.kind):
+            return self.learner_config(vocab_size)
         if self.kind == "bigram":
             return BigramConfig(vocab_size=vocab_size)
         return dataclasses.replace(self.model, vocab_size=vocab_size)
+
+    def learner_config(self, vocab_size: int) -> LearnerConfig:
+        """A class of one's own (``--model FILE.py:NAME``), sized by ``cfg.model``; its file's
+        path and sha256 as they are now."""
+        from pathlib import Path
+
+        path, name = parse_spec(self.kind)
+        p = Path(path).expanduser().resolve()
+        if not p.is_file():
+            raise ValueError(f"--model {self.kind}: no such file: {path}")
+        m = self.model
+        return LearnerConfig(vocab_size, m.block_size, m.n_embd, m.n_head, m.n_layer, m.dropout,
+                             str(p), name or "", file_sha256(p))
 
     def to_dict(self) -> dict:
         """The flat settings (``config.json``, a checkpoint's ``train_config``)."""
@@ -402,9 +440,8 @@ class TrainConfig:
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        kind = settings.get("model", "gpt")
-        _check_choice("model", kind, MODEL_KINDS, what="model")
-        preset = settings.get("preset") or DEFAULT_PRESET[kind]
+        kind = model_kind(settings.get("model", "gpt"))
+        preset = settings.get("preset") or preset_for(kind)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         merged = {**PRESETS[preset].settings, **settings, "preset": preset}
@@ -489,7 +526,8 @@ def help_text(key: str) -> str:
     if key == "preset":
         names = "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items())
         return (f"named set of defaults (default: {DEFAULT_PRESET['gpt']} for --model gpt, "
-                f"{DEFAULT_PRESET['bigram']} for --model bigram) -- {names}")
+                f"{DEFAULT_PRESET['bigram']} for --model bigram, {LEARNER_PRESET} for --model "
+                f"FILE.py:NAME) -- {names}")
     default = default_value(key)
     others = [f"{n}={default_value(key, n)}" for n in PRESETS
               if default_value(key, n) != default]

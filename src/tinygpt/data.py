@@ -298,7 +298,7 @@ class Corpus:
             ix = ix[rows]
         idx = ix[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
         chunk = torch.from_numpy(data[idx].astype(np.int64))
-        return chunk[:, :-1], chunk[:, 1:]
+        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # as the lecture's batches are
 
 
 def load_corpus(

@@ -53,6 +53,9 @@ from tinygpt.device import autocast_dtype, compile_supported, mps_available, pic
 from tinygpt.distributed import SINGLE, DistEnv
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.files import write_json
+from tinygpt.learner.checks import require_checks
+from tinygpt.learner.source import learner_model
+from tinygpt.learner.spec import is_learner_kind
 from tinygpt.models import GPTConfig, build_model, make_config
 from tinygpt.optim import CombinedOptimizer, build_optimizer
 from tinygpt.tokenizer import CharTokenizer, tokenizer_from_dict
@@ -492,10 +495,16 @@ def build_run(cfg: TrainConfig, resume: TrainingCheckpoint | None, warn: Warn,
             corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, glob=cfg.data.glob,
                                  bpe_vocab_size=cfg.data.bpe_vocab_size)
     corpus.check_block_size(cfg.model.block_size)
+    own = is_learner_kind(cfg.kind)  # --model FILE.py:NAME, a class of the learner's own
+    if own and resume is None and cfg.run.check and dist_env.is_main:
+        require_checks(cfg.kind, log)
 
     torch.manual_seed(cfg.run.seed)
     model_config = cfg.model_config(_model_vocab_size(corpus, resume or init))
-    model = build_model(cfg.kind, model_config)
+    if own:
+        model, model_config = learner_model(model_config, str(device))
+    else:
+        model = build_model(cfg.kind, model_config)
     if init is not None:
         init_weights_from(model, cfg, model_config, init)
     if resume is not None:

@@ -52,6 +52,7 @@ from tinygpt.distributed import (
 )
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 from tinygpt.generate import SamplingConfig, generate_tokens, make_generator
+from tinygpt.learner.source import learner_config, own_generate
 from tinygpt.models.modes import eval_mode
 from tinygpt.optim import batch_size_at, lr_factor, tokens_seen
 from tinygpt.runs import (
@@ -473,6 +474,8 @@ def sample_text(
 ) -> str:
     """A sample started from ``prompt`` (a newline if the vocabulary has one)."""
     ids = tokenizer.encode(prompt) if not tokenizer.unknown_chars(prompt) else [0]
+    if learner_config(model) is not None:  # a class of the learner's own: its own generate
+        return tokenizer.decode(own_generate(model, ids, num_chars, seed, device))
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     gen = make_generator(seed, device)
     tokens = generate_tokens(model, idx, num_chars, SamplingConfig(), gen, block_size)

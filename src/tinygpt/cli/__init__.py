@@ -1,9 +1,10 @@
 """Command-line interface: ``tinygpt train | sample | eval | serve | launch | export | import |
-ladder | plot | attention | lesson``.
+ladder | plot | attention | lesson | check``.
 
 ``COMMANDS`` is the one table of commands; each family lives in its own module (``train``:
 training and ``launch``; ``sample``: sampling and evaluation; ``serve``; ``hf``: export and import;
-``lessons``: the lecture's lessons, plots and attention pictures). User errors print one line and
+``lessons``: the lecture's lessons, plots and attention pictures; ``check``: a learner's own
+model checked). User errors print one line and
 exit with status 2.
 """
 
@@ -12,13 +13,13 @@ from __future__ import annotations
 import os
 import sys
 
-from tinygpt.cli import hf, lessons, sample, serve, train
+from tinygpt.cli import check, hf, lessons, sample, serve, train
 from tinygpt.cli.common import EXIT_USAGE, Command, Parser
 from tinygpt.errors import TinyGPTError, TrainingInterrupted
 
 COMMANDS: tuple[Command, ...] = (
     train.TRAIN, sample.SAMPLE, sample.EVAL, serve.SERVE, train.LAUNCH, hf.EXPORT, hf.IMPORT,
-    lessons.LADDER, lessons.PLOT, lessons.ATTENTION, lessons.LESSON,
+    lessons.LADDER, lessons.PLOT, lessons.ATTENTION, lessons.LESSON, check.CHECK,
 )
 
 __all__ = ["COMMANDS", "build_parser", "main"]

@@ -29,6 +29,10 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    "a time (cached and --no-cache alike); 1 is the lecture's crop at every step, "
                    "which leaves the cache nothing to reuse (default: half the context)")
     p.add_argument("--verbose", action="store_true", help="report characters per second on stderr")
+    p.add_argument("--tinygpt-sampler", action="store_true",
+                   help="a model class of your own (trained with --model FILE.py:NAME) samples "
+                   "with its own generate(); this uses tinygpt's sampler instead (--temperature, "
+                   "--top-k, --top-p, --stop)")
     add_load_flags(p)
 
 
@@ -119,6 +123,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     ckpt = _load_for_sampling(args, device)
     seed = _base_seed(settings.seed)
+    if not args.tinygpt_sampler and _own_generate(ckpt, args, settings, seed, device):
+        return 0
     # On a terminal, model output must not drive it: control characters are shown escaped.
     # Redirected to a file or a pipe, the text is written exactly as generated.
     out = TerminalSafe(sys.stdout) if sys.stdout.isatty() else sys.stdout
@@ -139,6 +145,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _own_generate(ckpt, args: argparse.Namespace, settings, seed: int, device) -> bool:
+    """Samples from a learner's class with its own ``generate`` (sample i: seed + i); False for
+    tinygpt's own models."""
+    from tinygpt.generate import visible_controls
+    from tinygpt.learner.source import learner_config, own_generate
+
+    if learner_config(ckpt.model) is None:
+        return False
+    ids = ckpt.tokenizer.encode(args.prompt)
+    for i in range(args.num_samples):
+        new = own_generate(ckpt.model, ids, settings.max_tokens, seed + i, device)
+        text = args.prompt + ckpt.tokenizer.decode(new)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(visible_controls(text) if sys.stdout.isatty() else text, flush=True)
+    return True
 
 
 class TerminalSafe:

@@ -32,7 +32,17 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
             continue
         if s.choices:
             kwargs["choices"] = s.choices
-        group.add_argument(s.flag, type=s.type, metavar=s.metavar or s.key.upper(), **kwargs)
+        arg_type = _model_arg if s.key == "model" else s.type
+        group.add_argument(s.flag, type=arg_type, metavar=s.metavar or s.key.upper(), **kwargs)
+
+
+def _model_arg(text: str) -> str:
+    from tinygpt.config import model_kind
+
+    try:
+        return model_kind(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # The parts of TrainConfig, as the help shows them.
@@ -149,7 +159,8 @@ def _check_before_launch(args: argparse.Namespace, launch_args) -> None:
 
 TRAIN = Command(
     "train", "train a model", add_train_flags, cmd_train,
-    description="Train a bigram or GPT model. Flags override the preset; --config reads a TOML "
+    description="Train a bigram or GPT model, or a model class of your own (--model "
+    "FILE.py:NAME, see docs/course.md). Flags override the preset; --config reads a TOML "
     "file with the same names (flags win).",
 )
 LAUNCH = Command(
