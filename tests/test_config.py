@@ -72,7 +72,7 @@ def test_presets_are_named_configs():
 def test_what_resume_and_init_from_may_change_is_on_the_fields():
     assert resume_flags().split(", ") == [
         "--grad-accum", "--max-steps", "--max-time", "--eval-interval", "--save-every", "--keep",
-        "--sample-chars", "--device", "--dist-timeout", "--compile", "--tensorboard", "--check"]
+        "--sample-chars", "--device", "--dist-timeout", "--check", "--compile", "--tensorboard"]
     free = {k for k, s in SETTINGS.items() if s.init == INIT_SOURCE_DEFAULT}
     assert free == {"dropout", "attn_dropout", "causal"}
     fixed = {k for k, s in SETTINGS.items() if s.init == INIT_SOURCE}
