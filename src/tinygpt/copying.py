@@ -31,6 +31,7 @@ from tinygpt.files import atomic_write, write_json
 
 MIN_RUN = 20  # a run this long counts as copied
 MAX_CHARS = 50_000_000  # the index of a larger train split would take minutes and gigabytes
+AUTO_MAX_CHARS = 10_000_000  # the end of training measures a sample only up to this (seconds)
 INDEX_FORMAT = 1
 
 
@@ -157,12 +158,14 @@ def _codes_text(codes: np.ndarray) -> str:
     return codes.astype("<u4").tobytes().decode("utf-32-le")
 
 
-def corpus_index(corpus) -> CopyIndex:
-    """The copy index of a corpus's train split, built once and cached with its tokens."""
+def corpus_index(corpus, max_chars: int = MAX_CHARS) -> CopyIndex:
+    """The copy index of a corpus's train split, built once and cached with its tokens; a
+    ``TinyGPTError`` when the split has more than ``max_chars`` characters."""
+    chars = corpus.num_chars("train")
+    if chars > max_chars:
+        raise TinyGPTError(f"the train split has {chars:,} characters; the copying meter "
+                           f"indexes at most {max_chars:,}")
     text = split_text(corpus, "train")
-    if len(text) > MAX_CHARS:
-        raise TinyGPTError(f"the train split has {len(text):,} characters; the copying meter "
-                           f"indexes at most {MAX_CHARS:,}")
     folder = Path(corpus.tokens.filename).parent if hasattr(corpus.tokens, "filename") else None
     key = {"format": INDEX_FORMAT, "fingerprint": corpus.manifest.get("fingerprint"),
            "chars": len(text)}

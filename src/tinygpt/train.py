@@ -472,10 +472,10 @@ def _best_model(run: Run, state: LoopState) -> nn.Module:
 def _copying(run: Run, sample: str):
     """The copying meter of the sample, and of as much unseen val text (None, None if the train
     split is too large to index)."""
-    from tinygpt.copying import corpus_index, reference_report
+    from tinygpt.copying import AUTO_MAX_CHARS, corpus_index, reference_report
 
     try:
-        index = corpus_index(run.corpus)
+        index = corpus_index(run.corpus, AUTO_MAX_CHARS)
     except TinyGPTError:
         return None, None
     return index.report(sample), reference_report(run.corpus, index, len(sample))
