@@ -53,6 +53,8 @@ def trained(tmp_path_factory):
 def test_train_on_own_non_ascii_text(trained):
     run, proc = trained
     assert "done: 20 steps" in proc.stdout and "--- sample ---" in proc.stdout
+    assert "the sample comes from the best checkpoint, step 20" in proc.stdout
+    assert "copying: the longest run also in the training text is" in proc.stdout
     state = json.loads((run / "last" / "state.json").read_text())
     assert "♪" in state["tokenizer"]["chars"] and "你" in state["tokenizer"]["chars"]
 

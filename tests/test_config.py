@@ -29,7 +29,7 @@ FLAT_KEYS = {
     "optimizer", "lr", "muon_lr", "schedule", "decay_fraction", "min_lr_ratio", "warmup_steps",
     "weight_decay", "beta1", "beta2", "grad_clip", "max_steps", "max_time", "dtype", "compile",
     "eval_interval", "eval_iters", "full_val", "save_every", "keep", "sample_chars", "seed",
-    "device", "dist_timeout", "tensorboard", "check",
+    "device", "dist_timeout", "tensorboard", "check", "stop_when_overfitting",
 }
 
 
@@ -72,7 +72,8 @@ def test_presets_are_named_configs():
 def test_what_resume_and_init_from_may_change_is_on_the_fields():
     assert resume_flags().split(", ") == [
         "--grad-accum", "--max-steps", "--max-time", "--eval-interval", "--save-every", "--keep",
-        "--sample-chars", "--device", "--dist-timeout", "--check", "--compile", "--tensorboard"]
+        "--sample-chars", "--stop-when-overfitting", "--device", "--dist-timeout", "--check",
+        "--compile", "--tensorboard"]
     free = {k for k, s in SETTINGS.items() if s.init == INIT_SOURCE_DEFAULT}
     assert free == {"dropout", "attn_dropout", "causal"}
     fixed = {k for k, s in SETTINGS.items() if s.init == INIT_SOURCE}

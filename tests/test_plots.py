@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from tinygpt.errors import TinyGPTError
-from tinygpt.plots import plot_attention, plot_bigram, plot_run, plot_runs, read_metrics
+from tinygpt.plots import (
+    SAMPLE_COLUMNS,
+    _mark_best,
+    best_record,
+    plot_attention,
+    plot_bigram,
+    plot_run,
+    plot_runs,
+    read_metrics,
+    wrap_sample,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -154,3 +164,32 @@ def test_tokens_axis_labels_read_without_an_offset():
     labels = [t.get_text() for t in top.xaxis.get_ticklabels() if t.get_text()]
     assert "1.2M" in labels and any(label.endswith("k") for label in labels), labels
     assert top.xaxis.get_offset_text().get_text() == ""
+
+
+def test_the_best_step_is_marked(tmp_path):
+    from matplotlib.figure import Figure
+
+    records = [{"step": s, "val_loss": v} for s, v in ((0, 3.0), (10, 2.0), (20, 1.5), (30, 1.5),
+                                                        (40, 1.9))]
+    assert best_record(records)["step"] == 20  # the first of equals: the best checkpoint's
+    assert best_record([{"step": 0}]) is None
+    ax = Figure().add_subplot()
+    _mark_best(ax, records)
+    marked = {tuple(line.get_xdata()) for line in ax.lines}
+    assert (20, 20) in marked and (20,) in marked  # the dotted line and the star
+    assert any("best val 1.500" in t.get_text() for t in ax.texts)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    png_size(plot_run(run))
+
+
+def test_wrap_sample_keeps_lines_and_cuts_long_ones():
+    text = "short line\n" + "word " * 40 + "\n\nx" * 3 + "\tend\x07"
+    lines = wrap_sample(text)
+    assert lines[0] == "short line"
+    assert all(len(line) <= SAMPLE_COLUMNS for line in lines)
+    assert "".join(lines[1:4]) == "word " * 40  # cut at spaces, nothing lost
+    assert lines[-1] == "x   end\\x07"  # tabs expanded, control characters visible
+    many = wrap_sample("a\n" * 100, max_lines=10)
+    assert len(many) == 10 and many[-1] == "[... 92 more lines]"

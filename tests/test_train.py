@@ -258,3 +258,90 @@ def test_every_run_draws_its_loss_curve(small_text, tmp_path):
     png = run / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_mtime_ns >= (run / "metrics.jsonl").stat().st_mtime_ns - 10**9
+
+
+# ------------------------------------------------------------------ overfitting is shown, never hidden
+
+
+def cyclic_text(path):
+    """A train split that repeats "abc" (with a little noise) and a val split in random order:
+    a small model learns the letters (val improves), then the cycle (val rises) within 15 steps."""
+    import random
+
+    rng = random.Random(0)
+    train_part = "".join("abc"[i % 3] if rng.random() > 0.02 else rng.choice("xyz")
+                         for i in range(2700))
+    path.write_text(train_part + "".join(rng.choice("abc") for _ in range(300)), encoding="utf-8")
+    return path
+
+
+def overfit_cfg(tmp_path, **kw) -> TrainConfig:
+    return tiny_cfg(cyclic_text(tmp_path / "cyc.txt"), tmp_path / "run", n_embd=16, block_size=8,
+                    max_steps=40, eval_interval=5, lr=1e-2, warmup_steps=0, sample_chars=30, **kw)
+
+
+def test_the_overfitting_rule():
+    from tinygpt.train import LoopState, is_overfitting
+
+    def state(step, val, train, best_step=100, best_val=1.0, best_train=1.0):
+        return LoopState(step=step, val_loss=val, train_loss=train, best_step=best_step,
+                         best_val=best_val, best_train=best_train)
+
+    assert is_overfitting(state(300, 1.05, 0.9), eval_interval=100)
+    assert not is_overfitting(state(200, 1.05, 0.9), 100)  # one interval is not "a while"
+    assert not is_overfitting(state(300, 1.01, 0.9), 100)  # within the noise of an estimate
+    assert not is_overfitting(state(300, 1.05, 0.99), 100)  # train loss did not fall: no memorising
+    assert not is_overfitting(state(300, 1.05, 0.9, best_step=0), 100)  # nothing learnt at all
+    assert is_overfitting(state(300, 1.05, 0.9, best_train=math.nan), 100)  # a run from before
+
+
+def test_a_run_that_overfits_says_so_once_and_samples_the_best_checkpoint(tmp_path, monkeypatch):
+    import tinygpt.train as train_module
+    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.train import sample_text
+
+    monkeypatch.setattr(train_module, "_plot_losses", lambda run_dir: None)  # faster
+    logs = []
+    result = train(overfit_cfg(tmp_path), log=logs.append, progress_bar=False)
+    notices = [line for line in logs if line.startswith("overfitting")]
+    assert len(notices) == 1, logs
+    notice = notices[0]
+    for words in ("val loss has risen", "memorising", "smaller model", "--dropout", "more text",
+                  f"step {result.best_step}", "--stop-when-overfitting would stop"):
+        assert words in notice
+    assert result.step == 40 and 0 < result.best_step < result.overfitting_step < 40
+    assert not result.stopped_for_overfitting
+    best = load_checkpoint(tmp_path / "run", "best")
+    assert best.state["step"] == result.best_step
+    assert result.sample == sample_text(best.model, best.tokenizer, 30, seed=1337, block_size=8)
+    last = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert last["overfitting_step"] == result.overfitting_step  # said once, also after --resume
+    assert result.copying is not None and result.copying.chars == 30
+    assert result.copying_reference is not None and result.copying_reference.chars == 30
+
+
+def test_stop_when_overfitting_ends_the_run_there(tmp_path, monkeypatch):
+    import tinygpt.train as train_module
+
+    monkeypatch.setattr(train_module, "_plot_losses", lambda run_dir: None)
+    logs = []
+    result = train(overfit_cfg(tmp_path, stop_when_overfitting=True), log=logs.append,
+                   progress_bar=False)
+    assert result.stopped_for_overfitting and result.step == result.overfitting_step < 40
+    assert any("the run stops here" in line for line in logs)
+    last = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert last["step"] == result.step  # saved as usual
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == result.step
+
+
+def test_stop_when_overfitting_is_a_flag_and_a_toml_key(tmp_path):
+    from tinygpt.cli import build_parser
+    from tinygpt.cli.train import read_toml_settings
+
+    args = build_parser().parse_args(["train", "--stop-when-overfitting"])
+    assert args.stop_when_overfitting is True
+    toml = tmp_path / "c.toml"
+    toml.write_text("stop_when_overfitting = true\n")
+    assert TrainConfig.resolve(read_toml_settings(str(toml))).run.stop_when_overfitting
+    assert not TrainConfig.resolve({}).run.stop_when_overfitting

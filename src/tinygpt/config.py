@@ -306,6 +306,11 @@ class RunConfig:
         400, "tokens (characters with --tokenizer char) sampled at the end of training (0: none)",
         resume=RESUME_CHANGE,
     )
+    stop_when_overfitting: bool = setting(
+        False, "end the run (saving as usual) once the val loss has risen for a while since its "
+        "best while the train loss still falls: the model has begun to memorise its text",
+        resume=RESUME_CHANGE,
+    )
     seed: int = setting(1337, "random seed")
     device: str = setting("auto", DEVICE_HELP, resume=RESUME_CHANGE)
     dtype: str = setting(

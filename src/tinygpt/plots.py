@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,11 +32,11 @@ def _figure(width: float, height: float, layout: str | None = "constrained") -> 
     return Figure(figsize=(width, height), dpi=DPI, layout=layout)
 
 
-def _save(fig: Figure, out: Path) -> Path:
+def _save(fig: Figure, out: Path, **savefig) -> Path:
     out = Path(out)
 
     def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", **savefig)
 
     atomic_write(out, write)
     return out
@@ -108,6 +109,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         steps, losses = _series(records, key)
         if steps:
             ax.plot(steps, losses, style, label=label, markersize=3)
+    _mark_best(ax, records)
     ax.set_xlabel("step")
     per_char = _bits_per_nat(records)
     one_char_tokens = per_char is None or math.isclose(per_char, 1 / math.log(2), rel_tol=1e-6)
@@ -124,6 +126,27 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     else:
         ax.text(0.5, 0.5, "no evaluations yet", ha="center", va="center", transform=ax.transAxes)
     return _save(fig, out or run_dir / "loss.png")
+
+
+def best_record(records: list[dict]) -> dict | None:
+    """The evaluation with the lowest val loss (the first of equals): the best checkpoint's."""
+    scored = [r for r in records if isinstance(r.get("val_loss"), (int, float))
+              and math.isfinite(r["val_loss"])]
+    return min(scored, key=lambda r: r["val_loss"]) if scored else None
+
+
+def _mark_best(ax, records: list[dict]) -> None:
+    """A dotted line at the best step and its val loss written beside the point."""
+    best = best_record(records)
+    if best is None:
+        return
+    step, loss = best["step"], float(best["val_loss"])
+    ax.axvline(step, color="C2", linestyle=":", linewidth=1.2)
+    ax.plot([step], [loss], "*", color="C2", markersize=12, label=f"best: step {step}", zorder=3)
+    last = max(r["step"] for r in records)
+    ha = "right" if step > 0.6 * max(last, 1) else "left"
+    ax.annotate(f"best val {loss:.3f}\nat step {step}", (step, loss), textcoords="offset points",
+                xytext=(-8 if ha == "right" else 8, 10), ha=ha, fontsize=8, color="C2")
 
 
 def _bits_per_nat(records: list[dict]) -> float | None:
@@ -286,3 +309,66 @@ def plot_bars(
     ax.legend(fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out)
+
+
+SAMPLE_COLUMNS = 80  # characters per line of a drawn sample
+SAMPLE_MAX_LINES = 60
+
+
+def wrap_sample(text: str, columns: int = SAMPLE_COLUMNS, max_lines: int = SAMPLE_MAX_LINES
+                ) -> list[str]:
+    """The lines of a sample as drawn: its own line breaks kept, long lines cut at ``columns``
+    (at a space where there is one), tabs expanded, control characters shown escaped, and at
+    most ``max_lines`` lines (the last one then says how many more there were)."""
+    import textwrap
+
+    from tinygpt.generate import visible_controls
+
+    wrapper = textwrap.TextWrapper(width=columns, replace_whitespace=False, drop_whitespace=False,
+                                   break_long_words=True, break_on_hyphens=False)
+    lines: list[str] = []
+    for line in text.split("\n"):
+        line = visible_controls(line.expandtabs(4))
+        lines.extend(wrapper.wrap(line) or [""])
+    if len(lines) > max_lines:
+        more = len(lines) - max_lines + 1
+        lines = lines[: max_lines - 1] + [f"[... {more} more lines]"]
+    return lines
+
+
+def _monospace_families() -> list[str]:
+    """A monospace font, then fonts with the glyphs it lacks (CJK), among those installed."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    wanted = ["DejaVu Sans Mono", "Noto Sans Mono", "Noto Sans Mono CJK SC", "Noto Sans CJK SC",
+              "WenQuanYi Zen Hei Mono", "Source Han Sans", "DejaVu Sans"]
+    return [f for f in wanted if f in installed] or ["monospace"]
+
+
+def plot_sample(text: str, out: Path, caption: str, title: str = "") -> Path:
+    """A sample drawn as a picture: monospace, wrapped at ``SAMPLE_COLUMNS``, the caption under it.
+
+    The caption is placed under the text as measured, and the figure is cut to what is drawn:
+    nothing is clipped or overlaps, whatever the glyphs' widths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    lines = wrap_sample(text)
+    size = 10  # points
+    width = SAMPLE_COLUMNS * size * 0.62 / 72 + 0.6  # inches
+    height = len(lines) * size * 1.6 / 72 + 1.2
+    fig = _figure(width, height, layout=None)
+    FigureCanvasAgg(fig)  # a renderer to measure the text with
+    fig.patch.set_facecolor("white")
+    left, top = 0.3 / width, 1 - 0.3 / height
+    if title:
+        fig.text(left, top, title, fontsize=12, fontweight="bold", va="top")
+        top -= 0.4 / height
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Glyph .* missing from")  # shown as boxes, not fatal
+        body = fig.text(left, top, "\n".join(lines), family=_monospace_families(), fontsize=size,
+                        va="top", linespacing=1.35, parse_math=False)
+        below = body.get_window_extent(fig.canvas.get_renderer()).y0 / fig.bbox.height
+        fig.text(left, below - 0.25 / height, caption, fontsize=9, color="0.3", va="top",
+                 parse_math=False, wrap=True)
+        return _save(fig, out, bbox_inches="tight", pad_inches=0.25)

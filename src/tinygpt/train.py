@@ -41,6 +41,7 @@ from tinygpt.checkpoint import (
     warn_stderr,
 )
 from tinygpt.config import RunConfig, TrainConfig
+from tinygpt.copying import CopyReport
 from tinygpt.distributed import (
     barrier,
     batch_generator,
@@ -75,6 +76,9 @@ from tinygpt.tokenizer import Tokenizer
 
 @dataclass
 class TrainResult:
+    """How a run ended. ``model`` is the final model; ``sample`` comes from the best checkpoint
+    (``best_step``), as ``tinygpt sample`` would draw it, with its copying meter."""
+
     run_dir: Path
     step: int
     train_loss: float
@@ -83,6 +87,11 @@ class TrainResult:
     model: nn.Module
     tokenizer: Tokenizer
     sample: str
+    best_step: int | None = None
+    overfitting_step: int | None = None  # the evaluation that noticed overfitting
+    stopped_for_overfitting: bool = False
+    copying: CopyReport | None = None  # of the sample
+    copying_reference: CopyReport | None = None  # of as much unseen val text
 
 
 @dataclass
@@ -95,6 +104,8 @@ class LoopState:
     val_loss: float = math.nan
     best_val: float = math.inf
     best_step: int | None = None
+    best_train: float = math.nan  # the train loss at the best step
+    overfitting_step: int | None = None  # where the overfitting notice was given (once)
     lr: float = 0.0
     tokens_per_s: float = 0.0
     skipped_steps: int = 0  # float16: steps whose gradients overflowed, so nothing was updated
@@ -108,6 +119,8 @@ class LoopState:
             step=st["step"], elapsed=float(st["elapsed_s"]),
             train_loss=st.get("train_loss", math.nan), val_loss=st.get("val_loss", math.nan),
             best_val=math.inf if best is None else best, best_step=st.get("best_step"),
+            best_train=_number(st.get("best_train_loss")),
+            overfitting_step=st.get("overfitting_step"),
             lr=st.get("lr", 0.0), tokens_per_s=st.get("tokens_per_s", 0.0),
             skipped_steps=int(st.get("skipped_steps", 0)),
             saved_step=st["step"], saved_at=time.monotonic(),
@@ -189,6 +202,8 @@ def train_loop(run: Run, state: LoopState, bar: tqdm, catcher: SignalCatcher,
             skip = skip_eval and state.step == first
             if (state.step % rc.eval_interval == 0 or done) and not skip:
                 evaluate_and_save(run, state, bar)
+                if rc.stop_when_overfitting and state.overfitting_step == state.step:
+                    return  # the checkpoint of this step is saved
             elif _save_is_due(rc, state):
                 save(run, state, record=None, improved=False)
             if done:
@@ -352,7 +367,11 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
         record.update(skipped_steps=state.skipped_steps, loss_scale=run.scaler.get_scale())
     improved = state.val_loss < state.best_val
     if improved:
-        state.best_val, state.best_step = state.val_loss, state.step
+        state.best_val, state.best_step, state.best_train = (state.val_loss, state.step,
+                                                             state.train_loss)
+    noticed = state.overfitting_step is None and is_overfitting(state, cfg.run.eval_interval)
+    if noticed:
+        state.overfitting_step = state.step
     # The checkpoint first, then the log line: a resumed run restores the line from the
     # checkpoint if a crash came between the two.
     save(run, state, record, improved)
@@ -366,6 +385,44 @@ def evaluate_and_save(run: Run, state: LoopState, bar: tqdm) -> None:
     skipped = f", {state.skipped_steps} skipped steps" if state.skipped_steps else ""
     bar.write(f"step {state.step:>6}: train loss {state.train_loss:.4f}, "
               f"val loss {state.val_loss:.4f} ({record['val_bpc']:.3f} bits/char){skipped}")
+    if noticed:
+        with tqdm.external_write_mode():
+            run.log(overfitting_notice(state, cfg.run.stop_when_overfitting))
+
+
+# Overfitting is noticed when the val loss has stayed above its best for this many evaluation
+# intervals and has risen by this margin (nats; larger than the noise of an estimate on batches),
+# while the train loss kept falling.
+OVERFIT_INTERVALS = 2
+OVERFIT_MARGIN = 0.02
+
+
+def is_overfitting(state: LoopState, eval_interval: int) -> bool:
+    """Whether the val loss has risen for a while since its best while the train loss fell."""
+    if not state.best_step:  # the untrained model being the best is no sign of memorising
+        return False
+    waited = state.step - state.best_step >= OVERFIT_INTERVALS * eval_interval
+    rose = state.val_loss > state.best_val + OVERFIT_MARGIN
+    fell = math.isnan(state.best_train) or state.train_loss < state.best_train - OVERFIT_MARGIN
+    return waited and rose and fell
+
+
+def overfitting_notice(state: LoopState, stopping: bool) -> str:
+    """The one notice a run gives when it begins to overfit: what it is and what to try."""
+    train_then = "" if math.isnan(state.best_train) else f"{state.best_train:.3f} -> "
+    end = ("--stop-when-overfitting: the run stops here." if stopping else
+           "Training goes on; --stop-when-overfitting would stop a run here.")
+    return (
+        f"overfitting: since step {state.best_step} the val loss has risen from "
+        f"{state.best_val:.3f} to {state.val_loss:.3f} while the train loss kept falling "
+        f"({train_then}{state.train_loss:.3f}).\n"
+        f"  The model is memorising its training text rather than learning what carries over "
+        f"to text it has not seen.\n"
+        f"  Try a smaller model (fewer --n-layer, a smaller --n-embd), more --dropout (0.1-0.3) "
+        f"or more text.\n"
+        f"  The best checkpoint (step {state.best_step}) is kept: the sample at the end and "
+        f"tinygpt sample use it. {end}"
+    )
 
 
 def save(run: Run, state: LoopState, record: dict | None, improved: bool) -> None:
@@ -382,6 +439,8 @@ def _write_checkpoint(run: Run, state: LoopState, record: dict | None, improved:
         "val_loss": state.val_loss,
         "best_val_loss": None if math.isinf(state.best_val) else state.best_val,
         "best_step": state.best_step, "elapsed_s": state.elapsed, "lr": state.lr,
+        "best_train_loss": None if math.isnan(state.best_train) else state.best_train,
+        "overfitting_step": state.overfitting_step,
         "tokens_per_s": state.tokens_per_s, "evaluated": record is not None, "metrics": record,
     }
     if run.scaler.is_enabled():  # float16: what resuming needs to scale exactly as before
@@ -454,13 +513,48 @@ def _open_board(cfg: TrainConfig, resume: TrainingCheckpoint | None) -> TensorBo
 
 def _result(run: Run, state: LoopState) -> TrainResult:
     cfg, tokenizer = run.cfg, run.corpus.tokenizer
-    sample = ""
+    result = TrainResult(
+        run.run_dir, state.step, state.train_loss, state.val_loss, state.best_val, run.model,
+        tokenizer, "", best_step=state.best_step, overfitting_step=state.overfitting_step,
+        stopped_for_overfitting=(cfg.run.stop_when_overfitting
+                                 and state.overfitting_step == state.step),
+    )
     if cfg.run.sample_chars and run.dist.is_main:
         block_size = run.base_state["model_config"].get("block_size", 1)
-        sample = sample_text(run.model, tokenizer, cfg.run.sample_chars, seed=cfg.run.seed,
-                             device=run.device, block_size=block_size)
-    return TrainResult(run.run_dir, state.step, state.train_loss, state.val_loss, state.best_val,
-                       run.model, tokenizer, sample)
+        result.sample = sample_text(_best_model(run, state), tokenizer, cfg.run.sample_chars,
+                                    seed=cfg.run.seed, device=run.device, block_size=block_size)
+        result.copying, result.copying_reference = _copying(run, result.sample)
+    return result
+
+
+def _best_model(run: Run, state: LoopState) -> nn.Module:
+    """The model of the best checkpoint (the final one when that is the best)."""
+    if state.best_step is None or state.best_step == state.step:
+        return run.model
+    from tinygpt.checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(run.run_dir, "best", run.device).model
+    except TinyGPTError as e:
+        warn_stderr(f"the sample comes from the final model: the best checkpoint failed to "
+                    f"load ({e})")
+        return run.model
+
+
+def _copying(run: Run, sample: str):
+    """The copying meter of the sample, and of as much unseen val text (None, None if the train
+    split is too large to index)."""
+    from tinygpt.copying import AUTO_MAX_CHARS, corpus_index, reference_report
+
+    try:
+        index = corpus_index(run.corpus, AUTO_MAX_CHARS)
+    except TinyGPTError:
+        return None, None
+    return index.report(sample), reference_report(run.corpus, index, len(sample))
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def sample_text(

@@ -33,6 +33,13 @@ def add_sample_flags(p: argparse.ArgumentParser) -> None:
                    help="a model class of your own (trained with --model FILE.py:NAME) samples "
                    "with its own generate(); this uses tinygpt's sampler instead (--temperature, "
                    "--top-k, --top-p, --stop)")
+    p.add_argument("--copying", action="store_true",
+                   help="report on stderr how much of each sample is copied from the training "
+                   "text: its longest run found there, and its share in copied runs of 20+ "
+                   "characters (and the same for as much unseen val text); needs the run's text")
+    p.add_argument("--png", metavar="FILE", default=None,
+                   help="also draw the sample as a picture (monospace, wrapped, with the model, "
+                   "its step and val loss in a caption)")
     add_load_flags(p)
 
 
@@ -44,6 +51,10 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         raise TinyGPTError(f"--window-shift must be >= 1, got {args.window_shift}")
     if not args.prompt:
         raise TinyGPTError("--prompt must not be empty")
+    if args.png is not None:
+        folder = Path(args.png).expanduser().parent
+        if not folder.is_dir():
+            raise TinyGPTError(f"--png {args.png}: no such folder {folder}")
 
 
 def _load_for_sampling(args: argparse.Namespace, device):
@@ -77,8 +88,8 @@ def _base_seed(seed: int | None) -> int:
     return seed
 
 
-def _print_samples(out: typing.TextIO, pieces, prompt: str, n: int) -> int:
-    """Write ``n`` samples one after another; returns the characters generated.
+def _print_samples(out: typing.TextIO, pieces, prompt: str, n: int) -> list[str]:
+    """Write ``n`` samples one after another; returns the text generated for each.
 
     All samples are decoded together, but printed in turn: the sample being printed is streamed,
     the text of later ones waits in a buffer until their turn."""
@@ -92,10 +103,10 @@ def _print_samples(out: typing.TextIO, pieces, prompt: str, n: int) -> int:
         out.write(prompt + buffered[i])
         out.flush()
 
-    chars = 0
+    texts = [""] * n
     start(0)
     for piece in pieces:
-        chars += len(piece.text)
+        texts[piece.sample] += piece.text
         if piece.sample == shown:
             out.write(piece.text)
             out.flush()
@@ -109,7 +120,7 @@ def _print_samples(out: typing.TextIO, pieces, prompt: str, n: int) -> int:
             if shown < n:
                 start(shown)
     out.flush()
-    return chars
+    return texts
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -135,7 +146,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         num_samples=n, seed=seed, stop=settings.stop, use_cache=args.use_cache,
         window_shift=args.window_shift,
     )
-    chars = _print_samples(out, pieces, args.prompt, n)
+    texts = _print_samples(out, pieces, args.prompt, n)
+    chars = sum(len(t) for t in texts)
+    reports = _report_copying(ckpt, texts) if args.copying else None
+    if args.png:
+        _draw_samples(args, ckpt, texts, settings, seed, reports)
     if args.verbose:
         elapsed = time.perf_counter() - t0
         path = "key/value cache" if args.use_cache else "no cache"
@@ -165,6 +180,62 @@ def _own_generate(ckpt, args: argparse.Namespace, settings, seed: int, device) -
     return True
 
 
+def _report_copying(ckpt, texts: list[str]) -> list:
+    """The copying meter of each sample, on stderr (see ``tinygpt.copying``)."""
+    from tinygpt.copying import corpus_index, reference_report
+
+    corpus = _run_corpus(ckpt, None, "--copying needs the training text")
+    index = corpus_index(corpus)
+    reports = [index.report(t) for t in texts]
+    ref = reference_report(corpus, index, max(len(t) for t in texts))
+    for i, r in enumerate(reports):
+        label = f"sample {i + 1}: " if len(texts) > 1 else ""
+        print(label + r.describe(ref), file=sys.stderr)
+    return reports
+
+
+def _draw_samples(args, ckpt, texts: list[str], settings, seed: int, reports) -> None:
+    """``--png``: the samples as a picture, with what made them in the caption."""
+    from tinygpt.plots import plot_sample
+
+    st = ckpt.state
+    parts = [f"{st.get('model', '?')} model", f"step {st.get('step', '?')} "
+             f"({args.checkpoint} checkpoint)"]
+    if isinstance(st.get("val_loss"), (int, float)):
+        parts.append(f"val loss {st['val_loss']:.3f}")
+    parts.append(f"seed {seed}, temperature {settings.sampling.temperature:g}")
+    if reports:
+        parts.append(f"longest run copied from the training text: {reports[0].longest} "
+                     f"characters, {reports[0].copied_share:.0%} in copied runs of 20+")
+    if len(texts) == 1:
+        body = args.prompt + texts[0]
+    else:
+        body = "\n".join(f"--- sample {i + 1} ---\n{args.prompt}{t}" for i, t in enumerate(texts))
+    title = f"tinygpt sample {Path(args.run_dir).name}"
+    try:
+        out = plot_sample(body.lstrip("\n"), Path(args.png).expanduser(), " · ".join(parts), title)
+    except OSError as e:
+        raise TinyGPTError(f"cannot write --png {args.png}: {e}") from None
+    print(f"picture: {out}", file=sys.stderr)
+
+
+def _run_corpus(ckpt, data: str | None, missing: str):
+    """The text a checkpoint was trained on (or ``data``), encoded with its tokenizer."""
+    from tinygpt.data import load_corpus
+
+    record = ckpt.state.get("data", {})
+    spec = data or record.get("spec")
+    if spec is None:
+        raise TinyGPTError(f"the checkpoint does not record its corpus; {missing}")
+    errors = record.get("encoding_errors", "strict")
+    corpus = load_corpus(spec, errors)
+    if corpus.tokenizer != ckpt.tokenizer:  # encode it with the model's tokenizer
+        corpus = load_corpus(spec, errors, tokenizer=ckpt.tokenizer)
+    if data is None and corpus.fingerprint != record.get("fingerprint"):
+        print(f"note: {spec} has changed since the model was trained", file=sys.stderr)
+    return corpus
+
+
 class TerminalSafe:
     """A text stream that writes control characters (but newline and tab) as ``\\xNN``."""
 
@@ -192,7 +263,6 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tinygpt.checkpoint import load_checkpoint
-    from tinygpt.data import load_corpus
     from tinygpt.device import pick_device
     from tinygpt.evaluate import evaluate_tokens
 
@@ -200,16 +270,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TinyGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(Path(args.run_dir), args.checkpoint, device)
-    data = ckpt.state.get("data", {})
-    spec = args.data or data.get("spec")
-    if spec is None:
-        raise TinyGPTError("the checkpoint does not record its corpus; pass --data PATH")
-    errors = data.get("encoding_errors", "strict")
-    corpus = load_corpus(spec, errors)
-    if corpus.tokenizer != ckpt.tokenizer:  # encode it with the model's tokenizer
-        corpus = load_corpus(spec, errors, tokenizer=ckpt.tokenizer)
-    if args.data is None and corpus.fingerprint != data.get("fingerprint"):
-        print(f"note: {spec} has changed since the model was trained", file=sys.stderr)
+    corpus = _run_corpus(ckpt, args.data, "pass --data PATH")
     block_size = ckpt.block_size or ckpt.state["train_config"].get("block_size", 256)
     tokens = corpus.split(args.split)
     result = evaluate_tokens(ckpt.model, tokens, block_size, args.batch_size, device,

@@ -105,16 +105,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(start.cfg, resume=start.resume, init=start.init)
     if not distributed.env_from_torchrun().is_main:
         return 0  # rank 0 reports for a torchrun job
-    print(
-        f"done: {result.step} steps, val loss {result.val_loss:.4f} "
-        f"(best {result.best_val_loss:.4f})"
-    )
+    _print_summary(result)
+    print(f"sample more with: tinygpt sample {result.run_dir}")
+    return 0
+
+
+def _print_summary(result) -> None:
+    """How the run ended, which checkpoint the sample comes from, the sample and its copying."""
+    best = "" if result.best_step is None else f" at step {result.best_step}"
+    print(f"done: {result.step} steps, val loss {result.val_loss:.4f} "
+          f"(best {result.best_val_loss:.4f}{best})")
+    if result.stopped_for_overfitting:
+        print(f"stopped at step {result.step}: the model began to overfit "
+              f"(--stop-when-overfitting)")
     if result.sample:
+        if result.best_step is not None:
+            print(f"the sample comes from the best checkpoint, step {result.best_step} (val loss "
+                  f"{result.best_val_loss:.4f}), as tinygpt sample's does")
         print("--- sample ---")
         print(result.sample)
         print("--------------")
-    print(f"sample more with: tinygpt sample {result.run_dir}")
-    return 0
+        if result.copying is not None:
+            print(result.copying.describe(result.copying_reference))
 
 
 def launch(argv: list[str], build_parser: Callable[[], argparse.ArgumentParser]) -> int:
