@@ -40,7 +40,7 @@ from tinygpt.serve.protocol import (
     EXPECTED,
     ApiError,
     Completion,
-    StreamOptions,
+    RequestFields,
     check_choices,
     check_model,
     encode,
@@ -130,30 +130,13 @@ class ChatMessage(BaseModel):
             p.text for p in self.content)
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(RequestFields):
     """The fields of ``POST /v1/chat/completions``; anything else is refused."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None  # the newer name of max_tokens
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # extension: keep the k most likely characters
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    user: str | None = None
     logprobs: bool | None = None  # report each token's log-probability
     top_logprobs: int | None = None  # ... and this many most likely alternatives
-    # Part of the OpenAI API but not implemented: accepted only at values that change nothing.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 CHAT_EXPECTED = {**EXPECTED, "messages": "an array of messages", "logprobs": "a boolean",

@@ -54,13 +54,12 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class CompletionRequest(BaseModel):
-    """The fields of ``POST /v1/completions``; anything else is refused."""
+class RequestFields(BaseModel):
+    """The fields that ``POST /v1/completions`` and ``POST /v1/chat/completions`` share."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    prompt: str | list[str]
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -70,14 +69,21 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    echo: bool | None = None
     user: str | None = None
-    logprobs: int | None = None  # report log-probabilities with this many alternatives
     # Part of the OpenAI API but not implemented: accepted only at values that change nothing.
-    best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(RequestFields):
+    """The fields of ``POST /v1/completions``; anything else is refused."""
+
+    prompt: str | list[str]
+    echo: bool | None = None
+    logprobs: int | None = None  # report log-probabilities with this many alternatives
+    # Not implemented either: accepted only at values that change nothing.
+    best_of: int | None = None
     suffix: str | None = None
 
 
