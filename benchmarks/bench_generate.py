@@ -11,7 +11,12 @@ text (its own choice is still computed at every step), so the logits of every st
 and must agree within --atol; its choice must be the reference's, except where the reference's
 two best logits are themselves within 2 x --atol -- a tie that summation order may break either
 way (a model with random weights has many near ties). It reports characters per second summed
-over the batch. Both paths slide the context window the same way once the text outgrows it (by
+over the batch, and, measured in the same run, how close each path comes to what the memory
+allows: the memory's read bandwidth (a sum over a 512 MB tensor), the weights-read ceiling (one
+``x @ W^T`` over every weight matrix of the model, the least work a cached step at batch 1 must
+do) and, per path, its model-bandwidth utilisation (MBU: the weight bytes a step reads times its
+steps per second, over the read bandwidth) and its share of the ceiling. Both paths slide the
+context window the same way once the text outgrows it (by
 --window-shift characters, default half the context); --window-shift 1 is the lecture's crop at
 every step, where the cache has nothing to reuse past the context length.
 
@@ -79,6 +84,41 @@ def cached(model: GPT, prompts: torch.Tensor, n: int, window_shift: int | None =
     return elapsed, tokens, seen
 
 
+def weight_matrices(model: GPT) -> list[torch.Tensor]:
+    """Every weight matrix a decode step multiplies by: the model's own, its shapes and dtype."""
+    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def best_seconds(fn, rounds: int = 20) -> float:
+    """The shortest of ``rounds`` timed calls of ``fn`` (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def weights_ceiling(weights: list[torch.Tensor]) -> float:
+    """Steps per second of the least work a cached step at batch 1 must do: one ``x @ W^T`` over
+    every weight matrix, in the model's order, each read once from memory."""
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+
+    def one_pass() -> None:
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+
+    return 1.0 / best_seconds(one_pass)
+
+
+def read_bandwidth(mbytes: int = 512) -> float:
+    """Bytes per second the memory delivers to a reduction over a tensor far larger than the
+    caches (``mbytes`` MB of float32, summed)."""
+    t = torch.ones(mbytes * 2**20 // 4)
+    return t.numel() * 4 / best_seconds(t.sum, rounds=5)
+
+
 def compare_choices(tokens: list[list[int]], ref_tokens: list[list[int]],
                     ref_logits: list[torch.Tensor], tie: float) -> tuple[int, int]:
     """(near ties, real differences) among the rows where the cached path chose another token
@@ -117,14 +157,29 @@ def main() -> int:
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {args.pos} positions, context "
           f"{cfg.block_size}; {args.chars} chars per sample; device {args.device}, "
           f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
-    print(f"{'batch':>5}  {'path':<28} {'seconds':>8} {'chars/s':>9} {'speed-up':>8}  check")
+    weights = weight_matrices(model)
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    bandwidth = read_bandwidth()
+    ceiling = weights_ceiling(weights)
+    print(f"memory: {bandwidth / 1e9:.1f} GB/s read (a sum over 512 MB); weights {len(weights)} "
+          f"matrices, {weight_bytes / 1e6:.1f} MB: ceiling {ceiling:,.0f} steps/s at batch 1 "
+          f"(one x @ W^T over each, {ceiling * weight_bytes / 1e9:.1f} GB/s)")
+    print("  MBU: weight bytes a step reads x steps/s over the memory's read bandwidth; "
+          "ceiling: steps/s over the ceiling's")
+    print(f"{'batch':>5}  {'path':<28} {'seconds':>8} {'chars/s':>9} {'speed-up':>8} "
+          f"{'steps/s':>8} {'MBU':>5} {'ceil':>5}  check")
+
+    def use(seconds: float) -> str:
+        steps = args.chars / seconds
+        return (f"{steps:8.1f} {steps * weight_bytes / bandwidth:5.0%} "
+                f"{steps / ceiling:5.0%}")
     ok = True
     for B in args.batch:
         prompts = torch.arange(B, device=args.device)[:, None] % cfg.vocab_size  # (B, 1)
         t_ref, tok_ref, lg_ref = reference(model, prompts, args.chars, args.window_shift)
         total = B * args.chars
         print(f"{B:>5}  {'no cache (generate_tokens)':<28} {t_ref:8.2f} {total / t_ref:9.1f} "
-              f"{1.0:8.2f}")
+              f"{1.0:8.2f} {use(t_ref)}")
         for layout in args.decode_layout:
             t, toks, lgs = cached(model, prompts, args.chars, args.window_shift, layout,
                                   follow=tok_ref)
@@ -134,7 +189,7 @@ def main() -> int:
             verdict = ("DIFFER" if wrong else "identical" if not ties
                        else f"identical but {ties} near-tie(s)")
             print(f"{B:>5}  {'kv cache (' + layout + ')':<28} {t:8.2f} {total / t:9.1f} "
-                  f"{t_ref / t:8.2f}  tokens {verdict}, max |dlogit| {worst:.1e}")
+                  f"{t_ref / t:8.2f} {use(t)}  tokens {verdict}, max |dlogit| {worst:.1e}")
             sys.stdout.flush()
     if not ok:
         print("MISMATCH: the cached path does not reproduce the reference", file=sys.stderr)
