@@ -16,8 +16,8 @@ pytest.importorskip("fastapi")
 
 from starlette.requests import Request  # noqa: E402
 
+from tinygpt.logprobs import TokenLogprob  # noqa: E402
 from tinygpt.serve import stream  # noqa: E402
-from tinygpt.serve.logprobs import TokenLogprob  # noqa: E402
 from tinygpt.serve.protocol import ApiError, Completion  # noqa: E402
 from tinygpt.serve.scheduler import Event, SchedulerClosed, WorkerFailed  # noqa: E402
 from tinygpt.serve.stream import Delivery, Mailbox, merge, next_item  # noqa: E402

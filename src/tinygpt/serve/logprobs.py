@@ -20,11 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tinygpt.logprobs import TokenLogprob, prompt_logits, score, score_prompt, token_texts
-from tinygpt.sampling import MAX_LOGPROBS
+from tinygpt.logprobs import TokenLogprob
 
-__all__ = ["MAX_LOGPROBS", "TokenLogprob", "as_openai", "entries_within", "prompt_logits",
-           "score", "score_prompt", "token_texts"]
+__all__ = ["as_openai", "entries_within"]
 
 
 def entries_within(entries: Sequence[TokenLogprob], n_chars: int) -> list[TokenLogprob]:
