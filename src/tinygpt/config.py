@@ -379,6 +379,11 @@ class TrainConfig:
 
     kind: str = setting("gpt", MODEL_HELP, key="model", init=INIT_SOURCE)
     preset: str | None = setting(None, "named set of defaults", choices=tuple(PRESETS))
+    fit_to_corpus: bool = setting(
+        True, "with the modern preset, a new run chooses the model size, dropout, steps and "
+        "eval interval that are not given from the size of its corpus (see docs/recipe.md); "
+        "--no-fit-to-corpus keeps the preset's values",
+    )
     # The model's shape; with --model bigram only block_size is read (the bigram sees one token).
     model: GPTConfig = field(default_factory=_placeholder_model)
     data: DataConfig = field(default_factory=DataConfig)

@@ -36,7 +36,9 @@ from tinygpt.config import (
     TrainConfig,
     resume_flags,
 )
+from tinygpt.data import load_corpus
 from tinygpt.errors import TinyGPTError
+from tinygpt.recipe import fit_to_corpus, fits
 from tinygpt.runs import read_run_config, saved_model_config
 from tinygpt.tokenizer import tokenizer_from_dict
 
@@ -49,6 +51,7 @@ class Start:
     cfg: TrainConfig
     resume: TrainingCheckpoint | None = None
     init: Checkpoint | None = None
+    recipe: str | None = None  # what the corpus size chose (tinygpt.recipe), to print
 
 
 def resolve_start(settings: dict, resume: str | Path | None = None,
@@ -68,6 +71,11 @@ def resolve_start(settings: dict, resume: str | Path | None = None,
         # from its newest checkpoint instead of refusing to overwrite it.
         same = {k: v for k, v in settings.items() if k not in ("overwrite", "init_from")}
         return _resume(Path(cfg.run_dir), same, warn)
+    if fits(cfg, resumed=False):
+        corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, glob=cfg.data.glob,
+                             bpe_vocab_size=cfg.data.bpe_vocab_size)
+        cfg, line = fit_to_corpus(cfg, set(settings), corpus.n_train)
+        return Start(cfg, recipe=line)
     return Start(cfg, init=init)
 
 

@@ -101,6 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tinygpt.train import train
 
     start = resolve_args(args)
+    if start.recipe and distributed.env_from_torchrun().is_main:
+        print(start.recipe)
     # a torchrun worker keeps its process group (see tinygpt.cli.main)
     result = train(start.cfg, resume=start.resume, init=start.init)
     if not distributed.env_from_torchrun().is_main:
