@@ -53,10 +53,33 @@ def test_without_a_checkout_the_repository_address_is_installed(pip_calls, tmp_p
     assert pip_calls[1][-1] == str(tmp_path / "tinygpt-0.1.0-py3-none-any.whl")
 
 
-def test_with_nothing_to_install_from_it_says_what_to_do(pip_calls, tmp_path, monkeypatch):
-    with pytest.raises(RuntimeError, match="set REPOSITORY in this cell"):
+def test_with_nothing_else_it_installs_the_pypi_release_and_says_so(pip_calls, tmp_path,
+                                                                    monkeypatch, capsys):
+    run_cell(tmp_path, monkeypatch)
+    assert [c[-4:] for c in pip_calls] == [["pip", "install", "-q", "tinygpt"]]
+    out = capsys.readouterr().out
+    assert "installing the tinygpt release from PyPI" in out and "set REPOSITORY" in out
+
+
+def test_a_failed_install_says_what_to_set(pip_calls, tmp_path, monkeypatch):
+    def refuse(cmd):  # what pip does where no release is published (or PyPI is out of reach)
+        pip_calls.append(cmd)
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(subprocess, "check_call", refuse)
+    with pytest.raises(RuntimeError, match="could not install tinygpt from tinygpt: set REPOSITORY"):
         run_cell(tmp_path, monkeypatch)
-    assert pip_calls == []
+    assert len(pip_calls) == 1
+
+
+def test_another_project_of_the_same_name_is_refused(pip_calls, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tinygpt", "tinygpt.lessons")
+                        else real(name, *a))
+    with pytest.raises(RuntimeError, match="is not this course's tinygpt"):
+        run_cell(tmp_path, monkeypatch)
+    assert [c[-1] for c in pip_calls] == ["tinygpt"]
 
 
 def test_where_tinygpt_is_installed_the_cell_installs_nothing(monkeypatch, tmp_path):

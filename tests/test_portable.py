@@ -1,10 +1,10 @@
 """Runs where Windows puts them: no symbolic links for ``best`` and ``last``, no ``fcntl``.
 
 On Linux the tests take both away -- ``os.symlink`` raises the error an ordinary Windows account
-gets, and ``import fcntl`` fails -- and then train, resume, sample, evaluate, export, plot and
-fine-tune through the pointer files that stand in for the links. The run lock is tested across
-processes with ``msvcrt``'s locking contract (a stand-in built on POSIX record locks, since the
-real module exists only on Windows).
+gets, and ``import fcntl`` fails -- and then train, resume, sample, evaluate, export, plot, draw
+attention and fine-tune through the pointer files that stand in for the links. The run lock is
+tested across processes with ``msvcrt``'s locking contract (a stand-in built on POSIX record
+locks, since the real module exists only on Windows).
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def test_without_symlinks_best_and_last_are_pointer_files_every_reader_follows(
     assert main_in_process("export", run, tmp_path / "hf") == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert main_in_process("plot", run, "--out", tmp_path / "loss.png") == 0
+    assert main_in_process("attention", run / "best", "--prompt", "To be") == 0
+    assert (run / "step-000010" / "attention.png").is_file()  # beside the checkpoint it read
     fine = tmp_path / "fine"
     assert main_in_process("train", "--data", small_text, "--out", fine, "--init-from", run / "best",
                            "--max-steps", 5, "--eval-interval", 5, "--eval-iters", 1,

@@ -1,8 +1,9 @@
 """tinygpt as a wheel: built from the source (``python -m build``), installed into a fresh virtual
 environment and run from a directory that has no checkout in it.
 
-The end-to-end test takes about ten seconds (the build and install are quick; most of it is
-four processes importing torch), so it stays in the default suite, which CI runs. The cheap tests
+The end-to-end test (build, install, then --version, train, sample and serve, each a process that
+imports torch) takes about half a minute of CPU time, so it is marked slow; CI runs it on its own
+(``pytest -m slow tests/test_wheel.py`` in ``.ci/run``). The cheap tests, in the default suite,
 check what the wheel is made from: the files the playground serves are declared as package data,
 and the version is written in one place.
 """
@@ -160,6 +161,7 @@ def _serve(bin_dir: Path, run: Path, cwd: Path, env: dict, log: list[str]) -> No
             proc.communicate()
 
 
+@pytest.mark.slow
 def test_the_wheel_trains_samples_and_serves_without_the_checkout(tmp_path):
     pytest.importorskip("fastapi")
     log: list[str] = []

@@ -97,7 +97,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     import torch
 
-    from tinygpt.checkpoint import load_checkpoint
+    from tinygpt.checkpoint import load_checkpoint, resolve_run_path
     from tinygpt.models.attention_maps import attention_maps
     from tinygpt.plots import plot_attention
 
@@ -118,7 +118,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
             f"the prompt is {len(ids)} tokens long; the model's context is {ckpt.block_size}"
         )
     maps = attention_maps(ckpt.model, torch.tensor(ids, dtype=torch.long))
-    out = Path(args.out) if args.out else Path(args.run_dir) / "attention.png"
+    # Beside the checkpoint it read: RUN/best as a pointer file (no symbolic links) is its folder.
+    out = Path(args.out) if args.out else resolve_run_path(Path(args.run_dir)) / "attention.png"
     labels = [tok.decode([i]) for i in ids]
     plot_attention(maps, labels, out, title=f"{Path(args.run_dir).name}: attention over the prompt")
     print(f"wrote {out} ({maps.shape[0]} layers x {maps.shape[1]} heads, {len(ids)} tokens)")
