@@ -205,6 +205,19 @@ def test_lingering_after_an_answer_is_bounded(guarded):
         sock.close()
 
 
+def test_lingering_connections_are_bounded(guarded):
+    s = guarded(dataclasses.replace(FAST, header_timeout=5.0, max_client_connections=1,
+                                    max_receiving_connections=1))
+    held = connect(s.port, "127.0.3.30")
+    time.sleep(0.1)
+    refused = [connect(s.port, "127.0.3.30") for _ in range(3)]  # none of them closes its side
+    answers = [error_of(read_until_closed(sock, 3.0)) for sock in refused]
+    assert answers == [(429, "too_many_connections")] * 3  # each got its answer
+    assert len(s.watch.lingering) == 1  # one lingers; beyond the cap, closed at once
+    for sock in [held, *refused]:
+        sock.close()
+
+
 def test_connections_still_sending_are_bounded_from_all_addresses(guarded):
     s = guarded(dataclasses.replace(FAST, header_timeout=5.0, max_receiving_connections=3))
     slow = [connect(s.port, f"127.0.4.{1 + i}") for i in range(3)]

@@ -202,6 +202,8 @@ class GuardedH11Protocol(H11Protocol):
             if self.linger_left < 0:
                 self.transport.close()
             return
+        if self.flow is None:  # refused over the cap (and closed at once)
+            return
         if self.phase is None and self.conn.their_state is h11.IDLE:
             self.arm("header")  # the first bytes of the next request on a kept-alive connection
         super().data_received(data)
@@ -209,7 +211,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def handle_events(self) -> None:
         # uvicorn answers 503 when its open connections reach max_connections; those still
-        # sending a request (other than this one) are not counted.
+        # sending a request (other than this one) and those lingering are not counted.
         if self.config.limit_concurrency is not None:
             watch = self.watch
             others = len(watch.receiving) - (self.phase is not None) + len(watch.lingering)
