@@ -3,6 +3,7 @@ and raw sockets to talk to them byte by byte, from any loopback address."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -97,3 +98,34 @@ def exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes]:
             break
         data += chunk
     return responses(data)[0]
+
+
+def keep_sending(port: int, address: str, first: bytes, wait: float) -> bytes:
+    """Send ``first``, wait ``wait`` s (the server answers meanwhile), send 256 KiB more as a
+    client still sending its request would, then read what the server answered until it closed.
+
+    The client is asyncio's streams: once the server's reset has been seen, their reader
+    raises instead of returning what had arrived before it -- an answer lost to a reset reads
+    as ``b""``.
+    """
+
+    async def talk() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port,
+                                                       local_addr=(address, 0))
+        try:
+            writer.write(first)
+            await asyncio.sleep(wait)
+            for _ in range(4):
+                writer.write(b"X" * 65536)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except OSError:
+            pass
+        try:
+            return await asyncio.wait_for(reader.read(), 10)
+        except OSError:
+            return b""
+        finally:
+            writer.close()
+
+    return asyncio.run(talk())

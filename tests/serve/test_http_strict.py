@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.serve.guarded import connect, read_until_closed, responses, start
+from tests.serve.guarded import connect, keep_sending, read_until_closed, responses, start
 
 from tinygpt.serve.connection import head_problem
 from tinygpt.serve.options import ServeLimits
@@ -51,6 +51,17 @@ def test_ambiguous_requests_get_400_and_a_closed_connection(strict_server, name)
     # the connection is closed after the 400: a request pipelined behind is never answered
     answers = send(strict_server, REFUSED[name] + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert [status for status, _ in answers] == [400]
+
+
+def test_a_client_still_sending_after_its_400_reads_the_answer(strict_server):
+    # the 400 comes as soon as the head is read, while the rest of a large request is still
+    # arriving: closed at once, the socket would answer it with a reset that eats the 400
+    head = REFUSED["content-length then transfer-encoding"]
+    for _ in range(4):
+        answers = responses(keep_sending(strict_server.port, "127.0.0.1", head, 0.2), closed=True)
+        assert [status for status, _ in answers] == [400]
+        assert "Content-Length together with Transfer-Encoding" in json.loads(
+            answers[0][1])["error"]["message"]
 
 
 @pytest.mark.parametrize("body", [BODY, None])

@@ -10,8 +10,17 @@ import time
 
 import httpx
 import pytest
-from tests.serve.guarded import HEAD, connect, exchange, read_until_closed, responses, start
+from tests.serve.guarded import (
+    HEAD,
+    connect,
+    exchange,
+    keep_sending,
+    read_until_closed,
+    responses,
+    start,
+)
 
+from tinygpt.serve.connection import LINGER_BYTES, LINGER_S
 from tinygpt.serve.options import ServeLimits
 
 FAST = ServeLimits(header_timeout=0.5, body_timeout=1.0, max_client_connections=4,
@@ -86,7 +95,7 @@ def test_a_trickled_body_gets_408_at_the_body_deadline(guarded):
     assert error_of(data) == (408, "request_timeout")
     assert 0.9 < lived < 4.0
     assert s.watch.totals["body"] == 1
-    assert s.watch.receiving == 0
+    assert not s.watch.receiving
     r = httpx.post(f"{s.url}/v1/completions", json={"model": "tiny", "prompt": "To", "max_tokens": 2})
     assert r.status_code == 200  # the application saw the client leave and carries on
 
@@ -149,6 +158,81 @@ def test_connections_still_sending_a_request_do_not_count_against_max_connection
         sock.close()
 
 
+def test_a_client_still_sending_after_its_408_reads_the_answer(guarded):
+    # the server answers while the client waits, then the client's bytes arrive: closed at
+    # once, the socket answers them with a reset and the client loses its 408
+    s = guarded()
+    for i in range(4):
+        data = keep_sending(s.port, f"127.0.3.{1 + i}", HEAD, FAST.header_timeout + 0.2)
+        assert error_of(data) == (408, "request_timeout")
+    assert s.watch.totals["header"] == 4
+
+
+def test_a_client_sending_at_once_over_the_cap_reads_its_429(guarded):
+    s = guarded(dataclasses.replace(FAST, header_timeout=5.0))
+    held = [connect(s.port, "127.0.3.9") for _ in range(FAST.max_client_connections)]
+    time.sleep(0.1)
+    for _ in range(4):
+        data = keep_sending(s.port, "127.0.3.9", HEAD, 0.2)
+        assert error_of(data) == (429, "too_many_connections")
+    for sock in held:
+        sock.close()
+
+
+def test_lingering_after_an_answer_is_bounded(guarded):
+    s = guarded()
+    silent = connect(s.port, "127.0.3.20")  # reads its 408, then neither sends nor closes
+    assert error_of(read_until_closed(silent, 8.0)) == (408, "request_timeout")
+    answered = time.monotonic()
+    endless = connect(s.port, "127.0.3.21")  # never stops sending
+    endless.sendall(HEAD)
+    time.sleep(FAST.header_timeout + 0.1)
+    endless.settimeout(0.05)
+    sent, lived = 0, time.monotonic()
+    while time.monotonic() - lived < 3 * LINGER_S:
+        try:
+            sent += endless.send(b"X" * 65536)
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    lived = time.monotonic() - lived
+    assert lived < LINGER_S + 1.0  # cut by the byte budget or the time limit
+    assert sent < LINGER_BYTES + (8 << 20)  # (what the two kernels' buffers hold beyond it)
+    time.sleep(max(0.0, answered + LINGER_S + 0.5 - time.monotonic()))
+    assert not s.watch.lingering  # the silent one was closed after LINGER_S
+    for sock in (silent, endless):
+        sock.close()
+
+
+def test_lingering_connections_are_bounded(guarded):
+    s = guarded(dataclasses.replace(FAST, header_timeout=5.0, max_client_connections=1,
+                                    max_receiving_connections=1))
+    held = connect(s.port, "127.0.3.30")
+    time.sleep(0.1)
+    refused = [connect(s.port, "127.0.3.30") for _ in range(3)]  # none of them closes its side
+    answers = [error_of(read_until_closed(sock, 3.0)) for sock in refused]
+    assert answers == [(429, "too_many_connections")] * 3  # each got its answer
+    assert len(s.watch.lingering) == 1  # one lingers; beyond the cap, closed at once
+    for sock in [held, *refused]:
+        sock.close()
+
+
+def test_connections_still_sending_are_bounded_from_all_addresses(guarded):
+    s = guarded(dataclasses.replace(FAST, header_timeout=5.0, max_receiving_connections=3))
+    slow = [connect(s.port, f"127.0.4.{1 + i}") for i in range(3)]
+    for sock in slow:
+        sock.sendall(HEAD)
+        time.sleep(0.05)  # (so that their order is known)
+    body = {"model": "tiny", "prompt": "To", "max_tokens": 2}
+    assert httpx.post(f"{s.url}/v1/completions", json=body).status_code == 200
+    # the honest request's connection made room: the one that had been sending longest went
+    assert error_of(read_until_closed(slow[0], 3.0)) == (503, "too_many_connections")
+    assert s.watch.totals["room"] == 1 and len(s.watch.receiving) == 2
+    for sock in slow:
+        sock.close()
+
+
 def test_slow_connections_are_logged_in_one_line(guarded):
     records: list[str] = []
     handler = logging.Handler()
@@ -171,7 +255,7 @@ def test_slow_connections_are_logged_in_one_line(guarded):
 
 def test_the_new_limits_are_checked_and_listed(guarded):
     for bad in ({"header_timeout": 0}, {"body_timeout": float("inf")}, {"header_timeout": True},
-                {"max_client_connections": 0}):
+                {"max_client_connections": 0}, {"max_receiving_connections": 0}):
         with pytest.raises(ValueError, match="--" + next(iter(bad)).replace("_", "-")):
             ServeLimits(**bad)
     assert ServeLimits(max_connections=10).max_client_connections == 10  # never above the total
@@ -179,6 +263,6 @@ def test_the_new_limits_are_checked_and_listed(guarded):
     limits = s.app.state.tinygpt.limits
     listed = httpx.get(f"{s.url}/v1/models").json()
     got = listed["data"][0]["tinygpt"]["limits"]
-    assert {k: got[k] for k in ("header_timeout", "body_timeout", "max_client_connections")} == {
-        "header_timeout": limits.header_timeout, "body_timeout": limits.body_timeout,
-        "max_client_connections": limits.max_client_connections}
+    names = ("header_timeout", "body_timeout", "max_client_connections",
+             "max_receiving_connections")
+    assert {k: got[k] for k in names} == {k: getattr(limits, k) for k in names}

@@ -67,8 +67,8 @@ class Server:
 async def raw(port: int, address: str, data: bytes, every: float = 0.0, line: bytes = b"") -> bytes:
     """Send ``data`` (then ``line`` every ``every`` s, if given) from ``address``; what the
     server answers before it closes the connection (at most 30 s); ``b"reset"`` when the
-    connection was reset before any answer came (the server closed it while the client was
-    still sending, and the kernel dropped the answer)."""
+    connection was reset before any answer was read (what a server that closes at once while
+    the client is still sending causes: ``tinygpt serve`` lingers instead, so none is allowed)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0))
     answer = b""
     try:
@@ -153,9 +153,9 @@ def soak(run_dir: Path, tmp_path: Path, seconds: float) -> None:
     bad = {k: v for k, v in tally.items() if not (k.endswith(" ok") or k.startswith("slow"))}
     assert not bad, bad
     assert tally["honest ok"] > 10 and tally["stream ok"] > 3 and tally["malformed ok"] > 10
-    assert set(k for k in tally if k.startswith("slow")) <= {"slow 408", "slow 429", "slow reset"}
+    # every slow connection reads its answer: none is reset, none closed without one
+    assert set(k for k in tally if k.startswith("slow")) <= {"slow 408", "slow 429"}, dict(tally)
     assert tally["slow 408"] and tally["slow 429"]
-    assert tally["slow reset"] <= 0.01 * (tally["slow 408"] + tally["slow 429"])
     assert fds_after <= fds + 2
     assert rss_after <= rss + max(40.0, 0.1 * rss)
     assert "Traceback" not in log

@@ -12,11 +12,18 @@ are parsed; so a client that trickles its headers or body holds a connection as 
   started yet, and is closed;
 * a cap of ``max_client_connections`` open connections per client address (``429`` and close
   beyond), and uvicorn's ``max_connections`` counting only connections that have sent a request:
-  those still sending theirs cannot lock honest requests out;
+  those still sending theirs cannot lock honest requests out. Those are bounded on their own, from
+  all addresses together: at most ``max_receiving_connections``; beyond, the one that has been
+  sending longest makes room (``503`` and close), so a quick honest request still gets in;
 * strictness (``StrictConnection``): a request with both ``Content-Length`` and
-  ``Transfer-Encoding``, or with an obsolete folded header line, is answered ``400`` and closed.
+  ``Transfer-Encoding``, or with an obsolete folded header line, is answered ``400`` and closed;
+* a lingering close after each of these refusals (``linger``): the answer is written, the
+  sending side shut (a FIN), and what the client still sends is read and dropped for at most
+  ``LINGER_S`` seconds and ``LINGER_BYTES`` bytes. Closed at once, a socket with unread data
+  makes the kernel reset the connection, and a reset can drop the answer before the client has
+  read it.
 
-Connections closed for being slow or refused over the cap are counted in the log every
+Connections closed for being slow or refused over a cap are counted in the log every
 ``report_every`` seconds (one line, not one per socket): ``Watch``.
 """
 
@@ -42,6 +49,8 @@ log = logging.getLogger("uvicorn.error")
 
 HEAD_END = re.compile(rb"\n\r?\n")
 LINE_END = re.compile(rb"\r?\n")
+LINGER_S = 2.0  # how long a refused connection is read and drained before it is closed
+LINGER_BYTES = 1 << 20  # and how much of what the client still sends is read, at most
 
 
 def head_problem(buffered: bytes) -> str | None:
@@ -61,7 +70,16 @@ class StrictConnection(h11.Connection):
     accepts: folded header lines (h11 unfolds them) and ``Content-Length`` together with
     ``Transfer-Encoding`` (h11 lets the latter win), the stuff of request smuggling."""
 
+    problem = ""  # why the request was refused, once it was
+
     def next_event(self) -> Any:
+        try:
+            return self._next_event()
+        except h11.RemoteProtocolError as e:
+            self.problem = str(e)
+            raise
+
+    def _next_event(self) -> Any:
         if self.their_state is h11.IDLE:  # what is buffered starts with the next request's head
             problem = head_problem(self.trailing_data[0])
             if problem:
@@ -76,20 +94,28 @@ class StrictConnection(h11.Connection):
 
 class Watch:
     """What the connections of one server share: its limits, the open connections per client
-    address, how many are receiving a request, and the tally of those closed for being slow or
-    refused (logged in one line, at most every ``report_every`` seconds)."""
+    address, those receiving a request (oldest first) and those lingering after a refusal, and
+    the tally of those closed for being slow or refused (logged in one line, at most every
+    ``report_every`` seconds)."""
 
     def __init__(self, limits: ServeLimits, report_every: float = 10.0) -> None:
         self.limits = limits
         self.report_every = report_every
         self.per_client: Counter[str] = Counter()
-        self.receiving = 0
+        self.receiving: dict[GuardedH11Protocol, None] = {}  # in the order they began
+        self.lingering: set[GuardedH11Protocol] = set()
         self.totals: Counter[str] = Counter()  # since the server started
         self._tally: Counter[str] = Counter()  # since the last report
         self._report: asyncio.TimerHandle | None = None
 
+    def start_receiving(self, protocol: GuardedH11Protocol) -> None:
+        """``protocol`` begins receiving a request; at the cap, the oldest receiving makes room."""
+        if len(self.receiving) >= self.limits.max_receiving_connections:
+            next(iter(self.receiving)).make_room()
+        self.receiving[protocol] = None
+
     def count(self, what: str, loop: asyncio.AbstractEventLoop) -> None:
-        """One more connection closed for ``what``: "header", "body" or "cap"."""
+        """One more connection closed for ``what``: "header", "body", "cap" or "room"."""
         self.totals[what] += 1
         self._tally[what] += 1
         if self._report is None:
@@ -103,8 +129,10 @@ class Watch:
             f"{tally['header']} missed the header deadline ({limits.header_timeout:g} s)",
             f"{tally['body']} missed the body deadline ({limits.body_timeout:g} s)",
             f"{tally['cap']} were refused over the per-client cap ({limits.max_client_connections})",
+            f"{tally['room']} made room for newer ones over the cap on connections still sending "
+            f"a request ({limits.max_receiving_connections})",
         ]
-        shown = [part for part, key in zip(parts, ("header", "body", "cap")) if tally[key]]
+        shown = [part for part, key in zip(parts, ("header", "body", "cap", "room")) if tally[key]]
         if shown:
             log.warning("tinygpt serve: in the last %g s, connections closed: %s",
                         self.report_every, "; ".join(shown))
@@ -133,6 +161,8 @@ class GuardedH11Protocol(H11Protocol):
         self.address: str | None = None  # counted in watch.per_client while open
         self.phase: str | None = None  # "header" or "body" while receiving a request
         self.receipt: asyncio.TimerHandle | None = None
+        self.linger_left: int | None = None  # bytes still to drop while lingering, else None
+        self.linger_end: asyncio.TimerHandle | None = None
 
     # the connection: the per-client cap
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -143,8 +173,8 @@ class GuardedH11Protocol(H11Protocol):
             self.transport = transport
             transport.write(answer(self.conn, 429, f"too many connections from {address} "
                                    f"(at most {cap})", "too_many_connections"))
-            transport.close()
             self.watch.count("cap", self.loop)
+            self.linger()
             return
         self.address = address
         if address is not None:
@@ -154,6 +184,10 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
+        self.watch.lingering.discard(self)
+        if self.linger_end is not None:
+            self.linger_end.cancel()
+            self.linger_end = None
         if self.address is not None:
             self.watch.per_client[self.address] -= 1
             if not self.watch.per_client[self.address]:
@@ -163,7 +197,12 @@ class GuardedH11Protocol(H11Protocol):
 
     # receiving a request: the deadlines
     def data_received(self, data: bytes) -> None:
-        if self.flow is None:  # refused over the cap
+        if self.linger_left is not None:  # answered and shut: what still comes is dropped
+            self.linger_left -= len(data)
+            if self.linger_left < 0:
+                self.transport.close()
+            return
+        if self.flow is None:  # refused over the cap (and closed at once)
             return
         if self.phase is None and self.conn.their_state is h11.IDLE:
             self.arm("header")  # the first bytes of the next request on a kept-alive connection
@@ -172,11 +211,22 @@ class GuardedH11Protocol(H11Protocol):
 
     def handle_events(self) -> None:
         # uvicorn answers 503 when its open connections reach max_connections; those still
-        # sending a request (other than this one) are not counted.
+        # sending a request (other than this one) and those lingering are not counted.
         if self.config.limit_concurrency is not None:
-            others = self.watch.receiving - (self.phase is not None)
+            watch = self.watch
+            others = len(watch.receiving) - (self.phase is not None) + len(watch.lingering)
             self.limit_concurrency = self.config.limit_concurrency + others
         super().handle_events()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's, in the OpenAI error shape and with h11's reason, then a lingering close
+        reason = self.conn.problem or "malformed request"
+        try:
+            self.transport.write(answer(self.conn, 400, f"invalid HTTP request: {reason}",
+                                        "invalid_request"))
+        except h11.LocalProtocolError:  # an answer had started: it cannot be followed by a 400
+            pass
+        self.linger()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -202,11 +252,14 @@ class GuardedH11Protocol(H11Protocol):
             self.disarm()
 
     def arm(self, phase: str) -> None:
-        self.disarm()
+        """Start (or move on to) the deadline for receiving the request's ``phase``."""
+        if self.receipt is not None:
+            self.receipt.cancel()
+        if self.phase is None:  # it begins receiving a request (keeps its place for the body)
+            self.watch.start_receiving(self)
         limits = self.watch.limits
         seconds = limits.header_timeout if phase == "header" else limits.body_timeout
         self.phase = phase
-        self.watch.receiving += 1
         self.receipt = self.loop.call_later(seconds, self.expired)
 
     def disarm(self) -> None:
@@ -215,28 +268,62 @@ class GuardedH11Protocol(H11Protocol):
             self.receipt = None
         if self.phase is not None:
             self.phase = None
-            self.watch.receiving -= 1
+            self.watch.receiving.pop(self, None)
 
     def expired(self) -> None:
         """The request did not arrive in time: a 408 if no answer has started; close."""
         phase = self.phase
-        self.receipt = None
+        seconds = getattr(self.watch.limits, f"{phase}_timeout")
+        self.refuse(phase, 408, f"the request's {phase} did not arrive within {seconds:g} s",
+                    "request_timeout")
+
+    def make_room(self) -> None:
+        """Too many connections are sending a request: this one, sending longest, is closed."""
+        cap = self.watch.limits.max_receiving_connections
+        self.refuse("room", 503, f"the server has too many connections still sending a request "
+                    f"(at most {cap}); this one was the slowest", "too_many_connections")
+
+    def refuse(self, what: str, status: int, message: str, code: str) -> None:
+        """Stop receiving this request: answer it if no answer has started, count it, close."""
         self.disarm()
         if self.transport.is_closing():
             return
-        self.watch.count(phase, self.loop)
+        self.watch.count(what, self.loop)
         cycle = self.cycle if self.cycle is not None and not self.cycle.response_complete else None
         if cycle is None or not cycle.response_started:
-            seconds = getattr(self.watch.limits, f"{phase}_timeout")
             try:
-                self.transport.write(answer(self.conn, 408, f"the request's {phase} did not "
-                                            f"arrive within {seconds:g} s", "request_timeout"))
+                self.transport.write(answer(self.conn, status, message, code))
             except h11.LocalProtocolError:
                 pass
-        if cycle is not None:  # the application sees the client gone and writes nothing more
+        self.linger()
+
+    # closing after a refusal
+    def linger(self) -> None:
+        """Close gracefully: shut the sending side once the answer is out, drop what the client
+        still sends, close when it is done (its FIN), after ``LINGER_S`` or ``LINGER_BYTES``.
+
+        Closing a socket at once while the client's bytes are still arriving makes the kernel
+        reset the connection, and the reset can discard the answer before the client reads it.
+        A lingering connection holds only its socket; at most ``max_receiving_connections``
+        linger at a time (beyond, they are closed at once).
+        """
+        transport, watch = self.transport, self.watch
+        self.disarm()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # the application writes no more
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.close()
+        if transport.is_closing() or self.linger_left is not None:
+            return
+        if len(watch.lingering) >= watch.limits.max_receiving_connections or (
+                not transport.can_write_eof()):
+            transport.close()
+            return
+        watch.lingering.add(self)
+        self.linger_left = LINGER_BYTES
+        transport.write_eof()  # sent once the answer has gone out
+        transport.resume_reading()  # (uvicorn pauses reading behind a pipelined request)
+        self.linger_end = self.loop.call_later(LINGER_S, transport.close)
 
 
 def protocol_factory(watch: Watch) -> functools.partial:

@@ -42,6 +42,9 @@ class ServeLimits:
     max_client_connections: int = _limit(
         64, "most open connections from one client address (429 beyond; at most "
         "--max-connections; raise it behind a proxy)")
+    max_receiving_connections: int = _limit(
+        512, "most open connections still sending a request, from all addresses together "
+        "(beyond, the one that has been sending longest is answered 503 and closed)")
     header_timeout: float = _limit(
         10.0, "seconds a client may take to send a request line and headers (408 beyond)")
     body_timeout: float = _limit(
