@@ -23,16 +23,17 @@ def test_a_million_tokens_and_more_get_the_preset_as_it_is():
             MODERN[k] for k in FITTED_KEYS)
 
 
-def test_smaller_corpora_train_fewer_steps_with_more_dropout():
+def test_smaller_corpora_get_more_dropout_a_narrower_model_and_more_evaluations():
     sizes = [5_000, 30_000, 100_000, 300_000, 999_999, FULL_TOKENS]
     recipes = [recipe_for(n) for n in sizes]
-    steps = [r.max_steps for r in recipes]
     dropouts = [r.dropout for r in recipes]
-    assert steps == sorted(steps) and steps[0] < steps[-1]
+    widths = [r.n_embd for r in recipes]
+    every = [r.eval_interval for r in recipes]
     assert dropouts == sorted(dropouts, reverse=True) and dropouts[0] > dropouts[-1] == 0
-    for r in recipes:  # an evaluation about every sixth of the run, on a round step
-        assert r.max_steps // 8 <= r.eval_interval <= r.max_steps // 4
-        assert r.n_embd % r.n_head == 0
+    assert widths == sorted(widths) and widths[0] < widths[-1]
+    assert every == sorted(every) and every[0] < every[-1]
+    for r in recipes:  # at least six evaluations a run, and heads that divide the width
+        assert r.max_steps // r.eval_interval >= 6 and r.n_embd % r.n_head == 0
 
 
 def test_a_time_budget_decides_the_steps():
@@ -47,6 +48,7 @@ def test_a_new_run_is_sized_and_says_so(small_text):
     assert (start.cfg.model.dropout, start.cfg.run.max_steps) == (r.dropout, r.max_steps)
     assert start.cfg.run.eval_interval == r.eval_interval
     assert start.recipe.startswith("recipe for ") and "training tokens" in start.recipe
+    assert start.cfg.model.n_embd == r.n_embd
     assert f"dropout {r.dropout:g}" in start.recipe and f"{r.max_steps} steps" in start.recipe
 
 
