@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tinygpt.config import PRESETS
-from tinygpt.recipe import FITTED_KEYS, FULL_TOKENS, recipe_for
+from tinygpt.recipe import FITTED_KEYS, SMALL_TOKENS, recipe_for
 from tinygpt.resolve import resolve_start
 
 from .resume_helpers import main_in_process
@@ -15,16 +15,16 @@ from .resume_helpers import main_in_process
 MODERN = PRESETS["modern"].settings
 
 
-def test_a_million_tokens_and_more_get_the_preset_as_it_is():
+def test_large_corpora_get_the_preset_as_it_is():
     """The main job (Tiny Shakespeare: 1,003,854 training characters) keeps its recipe."""
-    for tokens in (FULL_TOKENS, 1_003_854, 50_000_000):
+    for tokens in (SMALL_TOKENS, 360_000, 1_003_854, 50_000_000):
         r = recipe_for(tokens)
         assert (r.n_layer, r.n_head, r.n_embd, r.dropout, r.max_steps, r.eval_interval) == tuple(
             MODERN[k] for k in FITTED_KEYS)
 
 
 def test_smaller_corpora_get_more_dropout_a_narrower_model_and_more_evaluations():
-    sizes = [5_000, 30_000, 100_000, 300_000, 999_999, FULL_TOKENS]
+    sizes = [5_000, 30_000, SMALL_TOKENS - 1, SMALL_TOKENS, 1_003_854]
     recipes = [recipe_for(n) for n in sizes]
     dropouts = [r.dropout for r in recipes]
     widths = [r.n_embd for r in recipes]

@@ -37,6 +37,7 @@ from tinygpt.config import (
     resume_flags,
 )
 from tinygpt.data import load_corpus
+from tinygpt.device import pick_device
 from tinygpt.errors import TinyGPTError
 from tinygpt.recipe import fit_to_corpus, fits
 from tinygpt.runs import read_run_config, saved_model_config
@@ -72,6 +73,7 @@ def resolve_start(settings: dict, resume: str | Path | None = None,
         same = {k: v for k, v in settings.items() if k not in ("overwrite", "init_from")}
         return _resume(Path(cfg.run_dir), same, warn)
     if fits(cfg, resumed=False):
+        pick_device(cfg.run.device)  # a device that is not here is the first thing to hear of
         corpus = load_corpus(cfg.data.source, cfg.data.encoding_errors, glob=cfg.data.glob,
                              bpe_vocab_size=cfg.data.bpe_vocab_size)
         cfg, line = fit_to_corpus(cfg, set(settings), corpus.n_train)
