@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.test_engine_decode import BS, make_gpt, reference_logits
 from tinygpt.engine import Engine
 from tinygpt.engine.quantize import (
     KERNEL_ROWS,
@@ -14,7 +15,6 @@ from tinygpt.engine.quantize import (
 )
 from tinygpt.errors import TinyGPTError
 from tinygpt.quantize import quantize_model
-from tests.test_engine_decode import BS, make_gpt, reference_logits
 
 
 def test_rows_are_quantized_symmetrically_within_half_a_step():

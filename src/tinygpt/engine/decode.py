@@ -8,11 +8,13 @@ which stays as it is:
 
 * The layout of each weight matrix. ``F.linear(x, W)`` reads W (out, in) as one dot product per
   output; with W stored transposed -- (in, out) in memory, the same (out, in) matrix to
-  ``F.linear`` -- the BLAS library adds up rows scaled by the entries of x instead. On some AMD
-  CPUs the second streams the weights nearly twice as fast; elsewhere the first may win. Both
-  are float32 sums of the same products (in another order: the results differ in the last bits
-  only), so ``measure_decode_layouts`` times both once per process and the faster one is used
-  for each matrix shape.
+  ``F.linear`` -- the BLAS library adds up rows scaled by the entries of x instead; MKL can also
+  keep its own packed copy of W for products of one row. On some AMD CPUs the second streams the
+  weights nearly twice as fast; elsewhere the first may win. All are float32 sums of the same
+  products (in another order: the results differ in the last bits only), so
+  ``measure_decode_layouts`` times the ones this build of torch offers once per process and the
+  fastest is used for each matrix shape. (int8 layers, ``tinygpt.engine.quantize``, have one
+  kernel: they are called directly.)
 * The bookkeeping around ~100 small operations. ``nn.Module.__call__`` costs a few us per
   layer (an eval-mode ``nn.Dropout`` as much as a small matmul), which is a third of a step of a
   small model. ``DecodeModel`` runs the model's own ``forward`` code (``GPT``, ``Block``,
@@ -23,7 +25,8 @@ which stays as it is:
   new kind of layer costs a few us per call).
 
 ``DECODE_LAYOUTS``: "auto" (measured), "linear" (the weights as stored), "transposed" (transposed
-copies), or "model" (no stand-ins: the model itself, as for a prefill).
+copies), "packed" (MKL's packed copies), or "model" (no stand-ins: the model itself, as for a
+prefill). docs/generation.md has what else was tried and why it was left out.
 """
 
 from __future__ import annotations
@@ -180,11 +183,11 @@ def _stand_in_class(cls: type) -> type:
 class DecodeModel:
     """``model``'s forward with a cache for one new token per row, run on lean stand-ins of its
     layers, with each linear layer's weight in the layout chosen for this CPU (``layout``:
-    "linear", "transposed" or "auto"; see the module docstring).
+    "linear", "transposed", "packed" or "auto"; see the module docstring).
 
-    The stand-ins hold the model's own tensors (the transposed layout a copy), looked up once;
-    each step checks (cheaply) that none of them was replaced or, for the copies, changed in
-    place since, and looks again if one was. (Replacing a whole layer of the model is not
+    The stand-ins hold the model's own tensors (the transposed and packed layouts a copy),
+    looked up once; each step checks (cheaply) that none of them was replaced or, for the
+    copies, changed in place since, and looks again if one was. (Replacing a whole layer of the model is not
     noticed: make a new engine.)
     """
 
