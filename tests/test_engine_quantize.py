@@ -90,3 +90,13 @@ def test_quantize_modes():
     with pytest.raises(TinyGPTError, match="--quantize must be one of none, int8, got 'int4'"):
         quantize_model(model, "int4")
     assert isinstance(quantize_model(model, "int8").lm_head, Int8Linear)
+
+
+def test_an_int8_model_is_not_exported(tmp_path):
+    from tinygpt.hf import export_model
+    from tinygpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer("abcdefghijk")
+    with pytest.raises(TinyGPTError, match="cannot export a model with int8 weights"):
+        export_model(quantize_int8(make_gpt()), tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
