@@ -2,7 +2,8 @@
 
     python benchmarks/bench_generate.py                  # lecture-size model, 2000 chars, B=1 and 8
     python benchmarks/bench_generate.py --chars 300 --batch 1 --threads 1
-    python benchmarks/bench_generate.py --batch 1 --decode-layout auto model linear transposed
+    python benchmarks/bench_generate.py --batch 1 --decode-layout auto model linear transposed packed
+    python benchmarks/bench_generate.py --batch 1 --no-int8     # without the int8 row
 
 The model has the shape of the lecture's final one (6 layers, 6 heads, 384 wide, context 256,
 vocabulary 65) with random weights: speed does not depend on what the weights say. Decoding is
@@ -23,12 +24,19 @@ every step, where the cache has nothing to reuse past the context length.
 --decode-layout picks how the cached path runs a step of one new token per sequence (one row
 each): ``auto`` (the default: the model's forward on the engine's lean stand-ins of its layers,
 each weight shape in the layout measured fastest on this CPU, printed below), ``linear`` /
-``transposed`` (forced), ``model`` (the model itself, nn.Modules and all).
+``transposed`` / ``packed`` (forced), ``model`` (the model itself, nn.Modules and all).
+
+The int8 row (``--int8``, on by default) times the cached path (auto) over a copy of the model
+with int8 weight-only linear layers (``--quantize int8``). Its MBU counts the int8 bytes it reads
+(its own, smaller, weights); its ``ceil`` column is still the share of the float32 ceiling. It is
+another model, so its tokens are compared with the float32 reference's but need not match: the
+check column says how many steps chose the same token, and the largest logit difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -38,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tinygpt.engine import DECODE_LAYOUTS, Engine  # noqa: E402
+from tinygpt.engine.quantize import int8_weight_bytes, quantize_int8  # noqa: E402
 from tinygpt.generate import SamplingConfig, generate_tokens  # noqa: E402
 from tinygpt.models import GPT, GPTConfig  # noqa: E402
 
@@ -78,7 +87,7 @@ def cached(model: GPT, prompts: torch.Tensor, n: int, window_shift: int | None =
         tokens.append(chosen)
         seen.append(logits)
     elapsed = time.perf_counter() - t0
-    if engine._decoder is not None and layout == "auto":
+    if engine._decoder is not None and layout == "auto" and engine._decoder.choice:
         print("       auto layout: " + ", ".join(
             f"{o}x{i} {c}" for (o, i), c in sorted(engine._decoder.choice.items())))
     return elapsed, tokens, seen
@@ -135,6 +144,17 @@ def compare_choices(tokens: list[list[int]], ref_tokens: list[list[int]],
     return ties, wrong
 
 
+def int8_row(model: GPT, prompts: torch.Tensor, args, tok_ref, lg_ref, t_ref: float, use) -> str:
+    """The table's row of the cached path over int8 weights (its tokens need not match)."""
+    t, toks, lgs = cached(model, prompts, args.chars, args.window_shift, "auto", follow=tok_ref)
+    worst = max((a - b).abs().max().item() for a, b in zip(lgs, lg_ref, strict=True))
+    same = sum(a == b for step, ref in zip(toks, tok_ref) for a, b in zip(step, ref))
+    total = prompts.size(0) * args.chars
+    return (f"{prompts.size(0):>5}  {'kv cache (int8, auto)':<28} {t:8.2f} {total / t:9.1f} "
+            f"{t_ref / t:8.2f} {use(t, int8_weight_bytes(model))}  {same / total:.1%} of the "
+            f"tokens the same, max |dlogit| {worst:.1e}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chars", type=int, default=2000, help="characters per sample (default 2000)")
@@ -147,6 +167,8 @@ def main() -> int:
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--decode-layout", nargs="+", default=["auto"], choices=DECODE_LAYOUTS,
                    help="cached paths to time (default: auto)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the cached path over int8 weights (default: yes)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,10 +191,11 @@ def main() -> int:
     print(f"{'batch':>5}  {'path':<28} {'seconds':>8} {'chars/s':>9} {'speed-up':>8} "
           f"{'steps/s':>8} {'MBU':>5} {'ceil':>5}  check")
 
-    def use(seconds: float) -> str:
+    def use(seconds: float, nbytes: int = weight_bytes) -> str:
         steps = args.chars / seconds
-        return (f"{steps:8.1f} {steps * weight_bytes / bandwidth:5.0%} "
+        return (f"{steps:8.1f} {steps * nbytes / bandwidth:5.0%} "
                 f"{steps / ceiling:5.0%}")
+    int8_model = quantize_int8(copy.deepcopy(model)) if args.int8 else None
     ok = True
     for B in args.batch:
         prompts = torch.arange(B, device=args.device)[:, None] % cfg.vocab_size  # (B, 1)
@@ -191,6 +214,8 @@ def main() -> int:
             print(f"{B:>5}  {'kv cache (' + layout + ')':<28} {t:8.2f} {total / t:9.1f} "
                   f"{t_ref / t:8.2f} {use(t)}  tokens {verdict}, max |dlogit| {worst:.1e}")
             sys.stdout.flush()
+        if int8_model is not None:
+            print(int8_row(int8_model, prompts, args, tok_ref, lg_ref, t_ref, use))
     if not ok:
         print("MISMATCH: the cached path does not reproduce the reference", file=sys.stderr)
         return 1

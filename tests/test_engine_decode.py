@@ -12,7 +12,10 @@ from tinygpt.generate import SamplingConfig, generate_tokens
 from tinygpt.models import GPT, GPTConfig
 
 BS = 8
-LAYOUTS = [x for x in DECODE_LAYOUTS]  # auto, model, linear, transposed
+# auto, model, linear, transposed, packed (where this build of torch has MKL's packed weights)
+LAYOUTS = [x for x in DECODE_LAYOUTS if x not in decode_module.MEASURED_LAYOUTS
+           or decode_module.layout_available(x)]
+COPIES = [x for x in ("transposed", "packed") if x in LAYOUTS]
 # Every option appears in at least one of these.
 CONFIGS = {
     "lecture": {},
@@ -115,12 +118,13 @@ def test_measured_layouts_name_every_shape():
     weights = [torch.randn(48, 16), torch.randn(16, 16), torch.randn(16, 64), torch.randn(48, 16)]
     choice = measure_decode_layouts(weights, rounds=2)
     assert set(choice) == {(48, 16), (16, 16), (16, 64)}
-    assert set(choice.values()) <= {"linear", "transposed"}
+    assert set(choice.values()) <= set(decode_module.available_layouts())
 
 
-def test_changed_weights_are_not_decoded_with_a_stale_copy():
+@pytest.mark.parametrize("layout", COPIES)
+def test_changed_weights_are_not_decoded_with_a_stale_copy(layout):
     model = make_gpt()
-    engine = Engine(model, decode_layout="transposed")
+    engine = Engine(model, decode_layout=layout)
     s = engine.new_sequence([1, 2])
     engine.step([s])
     engine.append(s, 3)
@@ -239,3 +243,51 @@ def test_queries_and_keys_are_made_by_the_model_in_every_path(monkeypatch):
     assert engine._decoder is not None
     attention_maps(model, torch.tensor([1, 2]))
     assert calls == [3, 3, 1, 1] + [2] * 4  # the maps: the forward and the recomputation
+
+
+@pytest.mark.parametrize("layout", [x for x in decode_module.MEASURED_LAYOUTS
+                                    if decode_module.layout_available(x)])
+def test_every_available_layout_keeps_its_weights_and_decodes_batches(layout):
+    model = make_gpt(pos_embedding="rope")
+    engine = Engine(model, decode_layout=layout)
+    a, b = engine.new_sequence([1, 2]), engine.new_sequence([3, 4, 5])
+    for _ in range(3):
+        for s in (a, b):  # one row at a time (the packed copies' batch size) ...
+            logits = engine.step([s])[0]
+            torch.testing.assert_close(logits, reference_logits(model, s.tokens), atol=1e-5, rtol=0)
+            engine.append(s, int(logits.argmax()))
+        for s, row in zip((a, b), engine.step([a, b])):  # ... and two at once
+            torch.testing.assert_close(row, reference_logits(model, s.tokens), atol=1e-5, rtol=0)
+    assert set(engine._decoder.choice.values()) == {layout}
+
+
+def test_auto_measures_the_available_layouts_only(monkeypatch):
+    def broken(weight, bias):
+        raise RuntimeError("this library refuses")
+
+    monkeypatch.setitem(decode_module.LAYOUT_KERNELS, "packed", broken)
+    monkeypatch.setattr(decode_module, "_MEASURED_LAYOUTS", {})
+    decode_module.layout_available.cache_clear()
+    try:
+        assert decode_module.available_layouts() == ("linear", "transposed")
+        model = make_gpt(n_embd=20, n_head=2)
+        engine = Engine(model, decode_layout="auto")
+        s = engine.new_sequence([1, 2])
+        for _ in range(3):
+            logits = engine.step([s])[0]
+            torch.testing.assert_close(logits, reference_logits(model, s.tokens), atol=1e-5, rtol=0)
+            engine.append(s, int(logits.argmax()))
+        assert set(engine._decoder.choice.values()) <= {"linear", "transposed"}
+        with pytest.raises(ValueError, match="'packed' is not available .*auto, model, linear, "
+                                             "transposed$"):
+            Engine(model, decode_layout="packed")
+    finally:
+        decode_module.layout_available.cache_clear()
+
+
+def test_measurement_picks_among_the_layouts_it_is_given():
+    weights = [torch.randn(48, 16), torch.randn(16, 48)]
+    assert set(measure_decode_layouts(weights, rounds=1, layouts=["transposed"]).values()) == {
+        "transposed"}
+    both = measure_decode_layouts(weights, rounds=2, layouts=["linear", "transposed"])
+    assert set(both) == {(48, 16), (16, 48)} and set(both.values()) <= {"linear", "transposed"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tinygpt.cli import main
@@ -65,3 +67,25 @@ def test_copying_reports_the_meter_on_stderr(run, capsys):
     lines = [x for x in err.splitlines() if "copying: the longest run" in x]
     assert len(lines) == 2 and lines[0].startswith("sample 1: ")
     assert "runs of 20+ characters" in lines[0] and "unseen val text" in lines[0]
+
+
+def test_quantize_int8_samples_and_evaluates(run, capsys):
+    assert main(["sample", str(run), "--quantize", "int8", "--num-chars", "30", "--seed", "1",
+                 "--prompt", "la "]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("la ") and len(text) >= 30
+    losses = {}
+    for mode in ("none", "int8"):
+        assert main(["eval", str(run), "--json", "--quantize", mode]) == 0
+        losses[mode] = json.loads(capsys.readouterr().out)["val_loss"]
+    # A different model (int8 weights), a close loss: this tiny run's weights are few and wide.
+    assert losses["int8"] != losses["none"] and abs(losses["int8"] - losses["none"]) < 0.05
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_an_unknown_quantization_is_one_line_and_exit_2(run, command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, str(run), "--quantize", "int4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--quantize: invalid choice: 'int4'" in err

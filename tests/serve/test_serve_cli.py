@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tinygpt.errors import TinyGPTError
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
@@ -61,6 +63,28 @@ def test_serve_prints_url_and_answers(run_dir):
         err = stop(proc)
     assert proc.returncode == 0, err
     assert "warning" not in err
+
+
+def test_serve_quantized_to_int8(run_dir):
+    proc, url = start(run_dir, "--quantize", "int8", "--model-name", "m")
+    try:
+        r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": "To be", "max_tokens": 20},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 20
+    finally:
+        err = stop(proc)
+    assert proc.returncode == 0, err
+
+
+def test_serve_refuses_an_unknown_quantization(run_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tinygpt", "serve", str(run_dir), "--quantize", "fp4"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "--quantize: invalid choice: 'fp4'" in proc.stderr
 
 
 def test_serve_warns_without_key_off_loopback(run_dir):
@@ -161,3 +185,5 @@ def test_serve_options_are_checked_when_made():
         ServeOptions(run_dir="r", port=-1)
     with pytest.raises(ValueError, match="--threads must be between 0 and 1024"):
         ServeOptions(run_dir="r", threads=2000)
+    with pytest.raises(TinyGPTError, match="--quantize must be one of none, int8, got 'int2'"):
+        ServeOptions(run_dir="r", quantize="int2")

@@ -1,5 +1,5 @@
 """What every command shares: the parser that errs in one line, the table's ``Command`` entry,
-and the flags several commands declare (``--checkpoint``, ``--device``)."""
+and the flags several commands declare (``--checkpoint``, ``--device``, ``--quantize``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import argparse
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from tinygpt.quantize import add_quantize_flag
 
 EXIT_USAGE = 2
 
@@ -43,6 +45,8 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of a command that loads a run's model: which checkpoint, on which device."""
+    """The flags of a command that loads a run's model: which checkpoint, on which device, its
+    weights stored how."""
     add_checkpoint_flag(p)
     add_device_flag(p)
+    add_quantize_flag(p)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tinygpt.cli.common import Command, add_load_flags
 from tinygpt.errors import TinyGPTError
+from tinygpt.quantize import quantize_model
 from tinygpt.sampling import add_sampling_flags, sampling_from_args
 
 
@@ -62,6 +63,7 @@ def _load_for_sampling(args: argparse.Namespace, device):
     from tinygpt.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(Path(args.run_dir), args.checkpoint, device)
+    quantize_model(ckpt.model, args.quantize)
     unknown = ckpt.tokenizer.unknown_chars(args.prompt)
     if unknown:
         raise TinyGPTError(
@@ -270,6 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TinyGPTError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
     ckpt = load_checkpoint(Path(args.run_dir), args.checkpoint, device)
+    quantize_model(ckpt.model, args.quantize)
     corpus = _run_corpus(ckpt, args.data, "pass --data PATH")
     block_size = ckpt.block_size or ckpt.state["train_config"].get("block_size", 256)
     tokens = corpus.split(args.split)

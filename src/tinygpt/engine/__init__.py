@@ -4,7 +4,8 @@
   and decode over a key/value cache (the cache itself is the model's,
   ``tinygpt.models.kv_cache``), the window sliding past the block size;
 - ``decode``: how a step of one new token per sequence runs fast -- the model's own forward on
-  lean stand-ins of its layers, each weight in the layout measured fastest on this CPU.
+  lean stand-ins of its layers, each weight in the layout measured fastest on this CPU;
+- ``quantize``: int8 weight-only linear layers, put in at load time (``--quantize int8``).
 
 Sampling text through the engine -- a sequence's generator, text decoder, stop strings,
 log-probabilities and finish reason, for the CLI, the library and the server alike -- is one room

@@ -48,8 +48,11 @@ import torch.nn as nn
 from tinygpt.engine.decode import (
     DECODE_LAYOUT_ENV,
     DECODE_LAYOUTS,
+    MEASURED_LAYOUTS,
     DecodeModel,
+    available_layouts,
     fast_decode_supported,
+    layout_available,
 )
 from tinygpt.generate import default_window_shift, slide_window
 from tinygpt.models.gpt import GPT
@@ -97,6 +100,9 @@ class Engine:
             where = "decode_layout" if decode_layout else f"${DECODE_LAYOUT_ENV}"
             raise ValueError(f"unknown decode layout {layout!r} in {where}; use one of "
                              f"{', '.join(DECODE_LAYOUTS)}")
+        if layout in MEASURED_LAYOUTS and not layout_available(layout):
+            raise ValueError(f"decode layout {layout!r} is not available in this build of torch; "
+                             f"use one of auto, model, {', '.join(available_layouts())}")
         # How a cached step of one new token per sequence runs: "model" is the model itself; the
         # others run its forward on stand-ins (DecodeModel), made at the first such step.
         self.decode_layout = layout

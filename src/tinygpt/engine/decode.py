@@ -8,11 +8,13 @@ which stays as it is:
 
 * The layout of each weight matrix. ``F.linear(x, W)`` reads W (out, in) as one dot product per
   output; with W stored transposed -- (in, out) in memory, the same (out, in) matrix to
-  ``F.linear`` -- the BLAS library adds up rows scaled by the entries of x instead. On some AMD
-  CPUs the second streams the weights nearly twice as fast; elsewhere the first may win. Both
-  are float32 sums of the same products (in another order: the results differ in the last bits
-  only), so ``measure_decode_layouts`` times both once per process and the faster one is used
-  for each matrix shape.
+  ``F.linear`` -- the BLAS library adds up rows scaled by the entries of x instead; MKL can also
+  keep its own packed copy of W for products of one row. On some AMD CPUs the second streams the
+  weights nearly twice as fast; elsewhere the first may win. All are float32 sums of the same
+  products (in another order: the results differ in the last bits only), so
+  ``measure_decode_layouts`` times the ones this build of torch offers once per process and the
+  fastest is used for each matrix shape. (int8 layers, ``tinygpt.engine.quantize``, have one
+  kernel: they are called directly.)
 * The bookkeeping around ~100 small operations. ``nn.Module.__call__`` costs a few us per
   layer (an eval-mode ``nn.Dropout`` as much as a small matmul), which is a third of a step of a
   small model. ``DecodeModel`` runs the model's own ``forward`` code (``GPT``, ``Block``,
@@ -23,7 +25,8 @@ which stays as it is:
   new kind of layer costs a few us per call).
 
 ``DECODE_LAYOUTS``: "auto" (measured), "linear" (the weights as stored), "transposed" (transposed
-copies), or "model" (no stand-ins: the model itself, as for a prefill).
+copies), "packed" (MKL's packed copies), or "model" (no stand-ins: the model itself, as for a
+prefill). docs/generation.md has what else was tried and why it was left out.
 """
 
 from __future__ import annotations
@@ -38,50 +41,103 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinygpt.engine.quantize import Int8Linear, int8_linear
 from tinygpt.models.gpt import GPT
 from tinygpt.models.kv_cache import KVCache
 
-DECODE_LAYOUTS = ("auto", "model", "linear", "transposed")
+DECODE_LAYOUTS = ("auto", "model", "linear", "transposed", "packed")
 # Forces the layout of decode steps: "model" (the model's own forward, no stand-ins), "linear"
-# (the weights as stored), "transposed" (transposed copies) or "auto" (measured).
+# (the weights as stored), "transposed" (transposed copies), "packed" (MKL's packed copies) or
+# "auto" (measured).
 DECODE_LAYOUT_ENV = "TINYGPT_DECODE_LAYOUT"
+# The layouts "auto" measures (those this build of torch offers), in order of preference on a tie.
+MEASURED_LAYOUTS = ("linear", "transposed", "packed")
 # Measured layouts, per (device, dtype, weight shapes in order, threads): once per process.
 _MEASURED_LAYOUTS: dict[tuple, dict[tuple[int, int], str]] = {}
-
-
-def measure_decode_layouts(weights: Sequence[torch.Tensor], rounds: int = 5
-                           ) -> dict[tuple[int, int], str]:
-    """The faster layout, "linear" or "transposed", for each shape among ``weights`` at batch 1.
-
-    Each round multiplies a vector by every matrix in the order of a decode step (so, as in a
-    real step, each matrix comes from memory rather than from a warm cache), in both layouts
-    back to back -- in alternating order, so that a burst of load elsewhere hits both alike --
-    and each shape keeps its best total per layout over the rounds. A shape gets the transposed
-    copy only if that is at least 5% faster: the copy costs memory. A noisy measurement can only
-    cost speed, never exactness: both layouts compute the same products.
-    """
-    copies = [transposed_copy(w) for w in weights]
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
-    best: dict[tuple, float] = {}
-    for r in range(rounds):
-        totals: dict[tuple, float] = {}
-        for i, (w, wt) in enumerate(zip(weights, copies)):
-            x, shape = xs[w.shape[1]], tuple(w.shape)
-            for layout in ("linear", "transposed") if (r + i) % 2 == 0 else ("transposed", "linear"):
-                t0 = time.perf_counter()
-                F.linear(x, w if layout == "linear" else wt)
-                totals[shape, layout] = totals.get((shape, layout), 0.0) + time.perf_counter() - t0
-        for key, t in totals.items():
-            best[key] = min(best.get(key, math.inf), t)
-    shapes = {tuple(w.shape) for w in weights}
-    return {s: "transposed" if best[s, "transposed"] < 0.95 * best[s, "linear"] else "linear"
-            for s in shapes}
 
 
 def transposed_copy(weight: torch.Tensor) -> torch.Tensor:
     """The same (out, in) matrix, stored (in, out) row-major: ``F.linear`` then hands the BLAS
     library the copy as it lies in memory, and x @ W^T adds up its rows scaled by x."""
     return weight.detach().t().contiguous().t()
+
+
+def _plain(weight: torch.Tensor, bias: torch.Tensor | None, copy: bool):
+    w = transposed_copy(weight) if copy else weight
+    return functools.partial(F.linear, weight=w, bias=bias), w
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None):
+    """MKL's own copy of the weight, packed for products of one row (a batch of another size
+    falls back, inside ``_mkl_linear``, to a plain product with the weight as stored)."""
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), 1)
+    linear = torch.ops.mkl._mkl_linear
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return linear(x, packed, weight, bias, 1)
+
+    return run, packed
+
+
+# layout -> (weight, bias) -> (the function x -> x @ W^T + b, the tensor it reads as its weight)
+LAYOUT_KERNELS: dict[str, Callable] = {
+    "linear": lambda w, b: _plain(w, b, copy=False),
+    "transposed": lambda w, b: _plain(w, b, copy=True),
+    "packed": _packed,
+}
+
+
+@functools.cache
+def layout_available(layout: str) -> bool:
+    """Whether this build of torch runs ``layout`` on a float32 CPU tensor (tried once on a small
+    matrix: a missing operator or a library that refuses shows here, not in a decode step)."""
+    try:
+        w, x = torch.randn(8, 4), torch.randn(1, 4)
+        run, _ = LAYOUT_KERNELS[layout](w, None)
+        return bool(torch.allclose(run(x), F.linear(x, w), atol=1e-5))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def available_layouts() -> tuple[str, ...]:
+    """The layouts of ``MEASURED_LAYOUTS`` that this build of torch runs."""
+    return tuple(name for name in MEASURED_LAYOUTS if layout_available(name))
+
+
+def measure_decode_layouts(weights: Sequence[torch.Tensor], rounds: int = 5,
+                           layouts: Sequence[str] | None = None) -> dict[tuple[int, int], str]:
+    """The fastest layout among ``layouts`` (default: the available ones of ``MEASURED_LAYOUTS``)
+    for each shape among ``weights`` at batch 1.
+
+    Each round multiplies a vector by every matrix in the order of a decode step (so, as in a
+    real step, each matrix comes from memory rather than from a warm cache), in every layout
+    back to back -- in an order that rotates, so that a burst of load elsewhere hits all alike --
+    and each shape keeps its best total per layout over the rounds. A shape gets a copy
+    ("transposed", "packed") only if that is at least 5% faster than the weight as stored: a copy
+    costs memory. A noisy measurement can only cost speed, never exactness: every layout
+    computes the same products (in another order: the results differ in the last bits).
+    """
+    layouts = list(layouts or available_layouts())
+    runs = [[LAYOUT_KERNELS[name](w, None)[0] for name in layouts] for w in weights]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    best: dict[tuple, float] = {}
+    for r in range(rounds):
+        totals: dict[tuple, float] = {}
+        for i, (w, kernels) in enumerate(zip(weights, runs)):
+            x, shape = xs[w.shape[1]], tuple(w.shape)
+            for k in range(len(layouts)):
+                j = (k + r + i) % len(layouts)
+                t0 = time.perf_counter()
+                kernels[j](x)
+                totals[shape, j] = totals.get((shape, j), 0.0) + time.perf_counter() - t0
+        for key, t in totals.items():
+            best[key] = min(best.get(key, math.inf), t)
+    choice = {}
+    for shape in {tuple(w.shape) for w in weights}:
+        cost = [best[shape, j] * (1.0 if name == "linear" else 1 / 0.95)
+                for j, name in enumerate(layouts)]
+        choice[shape] = layouts[cost.index(min(cost))]
+    return choice
 
 
 def fast_decode_supported(model: nn.Module) -> bool:
@@ -127,27 +183,28 @@ def _stand_in_class(cls: type) -> type:
 class DecodeModel:
     """``model``'s forward with a cache for one new token per row, run on lean stand-ins of its
     layers, with each linear layer's weight in the layout chosen for this CPU (``layout``:
-    "linear", "transposed" or "auto"; see the module docstring).
+    "linear", "transposed", "packed" or "auto"; see the module docstring).
 
-    The stand-ins hold the model's own tensors (the transposed layout a copy), looked up once;
-    each step checks (cheaply) that none of them was replaced or, for the copies, changed in
-    place since, and looks again if one was. (Replacing a whole layer of the model is not
+    The stand-ins hold the model's own tensors (the transposed and packed layouts a copy),
+    looked up once; each step checks (cheaply) that none of them was replaced or, for the
+    copies, changed in place since, and looks again if one was. (Replacing a whole layer of the model is not
     noticed: make a new engine.)
     """
 
     def __init__(self, model: GPT, layout: str) -> None:
         self.model = model
         self.layout = layout
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]  # decode-step order
-        if layout == "auto":
+        linears = [m for m in model.modules() if type(m) is nn.Linear]  # decode-step order
+        if layout == "auto" and linears:
             weights = [m.weight.detach() for m in linears]
             key = (str(weights[0].device), weights[0].dtype, tuple(tuple(w.shape) for w in weights),
                    torch.get_num_threads())
             if key not in _MEASURED_LAYOUTS:
                 _MEASURED_LAYOUTS[key] = measure_decode_layouts(weights)
             self.choice = _MEASURED_LAYOUTS[key]  # (out, in) -> layout
-        else:
-            self.choice = {tuple(m.weight.shape): layout for m in linears}
+        else:  # forced (Engine checked that it is available), or nothing to measure
+            self.choice = {tuple(m.weight.shape): "linear" if layout == "auto" else layout
+                           for m in linears}
         self._build()
 
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -192,6 +249,10 @@ class DecodeModel:
             return [self._stand_in(m) for m in module]
         if kind is nn.Linear:
             return self._linear(module)
+        if kind is Int8Linear:  # int8 weights (--quantize int8): the kernel, called directly
+            return functools.partial(int8_linear, weight_int8=self._ref(module, "weight_int8"),
+                                     scale=self._ref(module, "scale"),
+                                     bias=self._ref(module, "bias"))
         if kind is nn.Dropout:
             return _identity  # eval mode
         if kind in _DIRECT:
@@ -209,12 +270,13 @@ class DecodeModel:
 
     def _linear(self, linear: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
         weight, bias = self._ref(linear, "weight"), self._ref(linear, "bias")
-        if self.choice[tuple(weight.shape)] == "transposed":
+        layout = self.choice[tuple(weight.shape)]
+        if layout != "linear":
             # A copy: stale once the weights change in place.
             self._copies.append((weight, weight._version, weight.data_ptr()))
-            weight = transposed_copy(weight)
-        self._linears.append(weight)
-        return functools.partial(F.linear, weight=weight, bias=bias)
+        run, used = LAYOUT_KERNELS[layout](weight, bias)
+        self._linears.append(used)
+        return run
 
 
 # A layer whose forward is one ATen operation, as a direct call of it (``torch.layer_norm`` is

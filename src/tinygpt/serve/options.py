@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from tinygpt.quantize import check_quantize
+
 API_KEY_ENV = "TINYGPT_API_KEY"
 
 
@@ -108,6 +110,7 @@ class ServeOptions:
     access_log: bool = _option(False, "log every request")
     checkpoint: str = _option("best", "which checkpoint of the run", shared=True)
     device: str = _option("auto", "device to run the model on", shared=True)
+    quantize: str = _option("none", "how the weights are stored: none or int8", shared=True)
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def __post_init__(self) -> None:
@@ -118,4 +121,5 @@ class ServeOptions:
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not (
                 0 <= self.threads <= 1024):
             raise ValueError(f"--threads must be between 0 and 1024, got {self.threads}")
+        check_quantize(self.quantize)
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))

@@ -12,6 +12,7 @@ import uvicorn
 from tinygpt.checkpoint import Checkpoint, load_checkpoint
 from tinygpt.engine import Engine
 from tinygpt.errors import TinyGPTError
+from tinygpt.quantize import quantize_model
 from tinygpt.serve.app import LOOPBACK_NAMES, ModelInfo, create_app
 from tinygpt.serve.connection import Watch, protocol_factory
 from tinygpt.serve.options import ServeLimits, ServeOptions
@@ -90,6 +91,7 @@ def serve(options: ServeOptions) -> None:
     if o.threads:
         torch.set_num_threads(o.threads)
     ckpt = load_checkpoint(Path(o.run_dir), o.checkpoint, pick_device(o.device))
+    quantize_model(ckpt.model, o.quantize)
     name = o.model_name or Path(o.run_dir).resolve().name or "tinygpt"
     sock = bind(o.host, o.port)  # after loading: a bad run directory should not hold a port
     loopback = is_loopback(sock)
