@@ -106,6 +106,7 @@ def test_the_update_does_not_depend_on_the_world_size(two_ranks, tmp_path):
     assert max_weight_gap(one, accum) < 1e-4 and loss_gap(one, accum) < 1e-4
 
 
+@pytest.mark.slow  # 25-60 s on a 2-core AVX2 machine
 def test_a_killed_worker_then_the_same_command_with_resume_ends_bitwise_identical(
         two_ranks, tmp_path):
     text, ref, _ = two_ranks
@@ -127,6 +128,7 @@ def test_a_killed_worker_then_the_same_command_with_resume_ends_bitwise_identica
     assert loss_gap(single, ref) < 1e-4 and max_weight_gap(single, ref) < 1e-4
 
 
+@pytest.mark.slow  # 25-60 s on a 2-core AVX2 machine
 def test_max_restarts_continues_from_the_newest_checkpoint(two_ranks, tmp_path):
     """torchrun --max-restarts reruns the same command after a worker dies: the run continues
     from its checkpoint (instead of refusing to overwrite it) and ends as if never stopped."""

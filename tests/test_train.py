@@ -120,6 +120,7 @@ def test_same_seed_same_run(small_text, tmp_path):
     ).read_bytes()
 
 
+@pytest.mark.slow  # 25-60 s on a 2-core AVX2 machine
 def test_gpt_beats_the_bigram_after_a_short_cpu_run(shakespeare, cli, tmp_path):
     """200 steps of the default recipe (a third of the main job) already beat the best any bigram
     can do (whole-split val ~2.49) clearly. Counted in steps, not seconds, so a busy machine is

@@ -108,13 +108,20 @@ def test_ladder_command(small_text, tmp_path, cli):
     assert (out / "ladder.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_ladder_bad_input(cli, tmp_path):
-    proc = cli("ladder", "--steps", "5", "--budget", "1m")
-    assert proc.returncode == 2 and "not allowed with" in proc.stderr
-    proc = cli("ladder", "--budget", "soon", "--data", tmp_path / "missing.txt")
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "duration" in proc.stderr
-    proc = cli("ladder", "--data", tmp_path / "missing.txt")
-    assert proc.returncode == 2 and "no such file" in proc.stderr
+def test_ladder_bad_input(tmp_path, capsys):
+    from tinygpt.cli import main
+
+    def refused(*args) -> str:
+        with pytest.raises(SystemExit) as e:  # argparse's own refusals exit
+            code = main(["ladder", *map(str, args)])
+            raise SystemExit(code)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert "not allowed with" in refused("--steps", "5", "--budget", "1m")
+    err = refused("--budget", "soon", "--data", tmp_path / "missing.txt")
+    assert err.count("\n") == 1 and "duration" in err
+    assert "no such file" in refused("--data", tmp_path / "missing.txt")
 
 
 def test_gpt_rung_is_the_stated_cpu_size():

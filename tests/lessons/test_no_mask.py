@@ -54,6 +54,7 @@ def test_honest_equals_reported_only_for_a_causal_model(causal):
         assert abs(a - b) > 1e-4
 
 
+@pytest.mark.slow  # 25-60 s on a 2-core AVX2 machine
 def test_no_mask_command(small_text, tmp_path, cli):
     out = tmp_path / "lesson"
     proc = cli("lesson", "no-mask", "--data", small_text, "--steps", "120", "--out", out)

@@ -38,6 +38,7 @@ def count_bigram_val_loss(train: np.ndarray, val: np.ndarray, vocab: int, alpha:
     return float(-np.log(probs[val[:-1], val[1:]]).mean())
 
 
+@pytest.mark.slow  # 25-60 s on a 2-core AVX2 machine
 def test_cli_bigram_reaches_the_count_based_optimum(shakespeare, cli, tmp_path):
     """The mid-term assignment through the CLI: within 0.03 of the closed-form optimum."""
     run = tmp_path / "bigram"
