@@ -59,6 +59,7 @@ def test_train_on_own_non_ascii_text(trained):
     assert "♪" in state["tokenizer"]["chars"] and "你" in state["tokenizer"]["chars"]
 
 
+@pytest.mark.slow  # 15-20 s on a 2-core AVX2 machine
 def test_sample_is_reproducible_and_greedy_is_deterministic(trained, cli):
     run, _ = trained
     a = cli("sample", run, "--prompt", "la ", "--num-chars", "40", "--seed", "7", check=True)
@@ -85,6 +86,7 @@ def test_eval_json(trained, cli):
     assert "bits/char" in human
 
 
+@pytest.mark.slow  # 15-20 s on a 2-core AVX2 machine
 def test_toml_config_is_read_and_flags_win(small_text, tmp_path, cli):
     conf = tmp_path / "run.toml"
     conf.write_text(

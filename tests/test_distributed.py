@@ -321,6 +321,7 @@ except Exception as e:
 """
 
 
+@pytest.mark.slow  # 15-20 s on a 2-core AVX2 machine
 def test_a_stalled_rank_fails_the_job_within_the_chosen_timeout(tmp_path):
     script = tmp_path / "stall.py"
     script.write_text(_STALL, encoding="utf-8")

@@ -199,6 +199,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 15-20 s on a 2-core AVX2 machine
 def test_the_run_lock_on_windows_locking_bars_a_second_process_and_dies_with_its_owner(
         small_text, tmp_path):
     site = tmp_path / "site"

@@ -72,6 +72,7 @@ def test_killed_at_every_point_of_a_save(small_text, tmp_path):
     ])
 
 
+@pytest.mark.slow  # 15-20 s on a 2-core AVX2 machine
 def test_external_sigkill_then_resume(small_text, tmp_path):
     """A real kill -9 from outside, at whatever step the run has reached."""
     settings = tiny_settings(small_text, tmp_path / "run", max_steps=80, eval_interval=10)

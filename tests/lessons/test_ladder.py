@@ -89,6 +89,7 @@ def test_tiny_ladder_is_deterministic(small_text):
     assert [r.sample for r in a] != [r.sample for r in c]
 
 
+@pytest.mark.slow  # 15-20 s on a 2-core AVX2 machine
 def test_ladder_command(small_text, tmp_path, cli):
     out = tmp_path / "ladder"
     proc = cli("ladder", "--data", small_text, "--steps", "2", "--out", out, "--seed", "5")
