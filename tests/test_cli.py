@@ -78,6 +78,7 @@ def test_num_samples(trained, cli):
     assert out.stdout.count("--- sample") == 3
 
 
+@pytest.mark.slow  # 10-30 s on a 2-core AVX2 machine
 def test_eval_json(trained, cli):
     run, _ = trained
     result = json.loads(cli("eval", run, "--json", check=True).stdout)

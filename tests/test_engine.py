@@ -337,6 +337,7 @@ def run_dir(tmp_path):
     return tmp_path / "run"
 
 
+@pytest.mark.slow  # 10-30 s on a 2-core AVX2 machine
 def test_cli_cached_and_no_cache_give_the_same_text(cli, run_dir):
     args = ["sample", run_dir, "--prompt", "abc", "--num-chars", 3 * BS, "--seed", 3,
             "--num-samples", 3, "--top-k", 5]

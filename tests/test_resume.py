@@ -54,6 +54,7 @@ def _kill_resume_chain(small_text, tmp_path, faults):
         verify_checkpoint(folder)
 
 
+@pytest.mark.slow  # 10-30 s on a 2-core AVX2 machine
 def test_killed_at_several_points_and_resumed_ends_bitwise_identical(small_text, tmp_path):
     """SIGKILL between steps and during a checkpoint save; each resume carries on."""
     _kill_resume_chain(small_text, tmp_path, [

@@ -33,6 +33,7 @@ def test_counts_and_optimum():
     assert evaluate_tokens(model, toks, 3)["val_loss"] > expected
 
 
+@pytest.mark.slow  # 10-30 s on a 2-core AVX2 machine
 def test_bigram_command(small_text, tmp_path, cli):
     out = tmp_path / "bigram"
     proc = cli("lesson", "bigram", "--data", small_text, "--steps", "300", "--out", out)
