@@ -24,6 +24,7 @@ CONFIGS = {
     "ln-qk-swiglu": dict(qk_norm="layernorm", mlp="swiglu", tie_embeddings=True,
                          logit_softcap=5.0),
     "gelu-tanh": dict(pos_embedding="rope", mlp="gelu_tanh", zero_init=True),
+    "value-x0": dict(pos_embedding="rope", value_embeds=1, x0_skip=True),
 }
 
 
@@ -36,6 +37,8 @@ def make_gpt(seed=0, **kw) -> GPT:
             if p.dim() == 2:
                 p.add_(0.02 * torch.randn_like(p))  # zero_init would leave nothing to test
         model.lm_head.weight.mul_(30)
+        if model.x0_weights is not None:  # they start at zero, where they would add nothing
+            model.x0_weights.uniform_(-1, 1)
     return model.eval()
 
 

@@ -148,6 +148,8 @@ def test_exported_bpe_tokenizer_matches(bpe, tmp_path):
 
 @pytest.mark.parametrize("options,named", [
     ({"logit_softcap": 30.0}, "logit_softcap"),
+    ({"pos_embedding": "rope", "value_embeds": 1}, "value_embeds=1"),
+    ({"x0_skip": True}, "x0_skip"),
     ({"causal": False}, "causal"),
     ({"pos_embedding": "rope", "norm": "rmsnorm", "mlp": "relu2"}, "mlp=relu2"),
     ({"norm": "rmsnorm"}, "norm=rmsnorm"),

@@ -91,6 +91,11 @@ def export_architecture(config: GPTConfig) -> str:
     if c.logit_softcap is not None:
         raise _refuse(f"logit_softcap={c.logit_softcap}",
                       "none of GPT-2, Llama, Qwen3 or Persimmon caps its logits")
+    if c.value_embeds:
+        raise _refuse(f"value_embeds={c.value_embeds}",
+                      "none of GPT-2, Llama, Qwen3 or Persimmon adds embeddings to its values")
+    if c.x0_skip:
+        raise _refuse("x0_skip=true", "none of GPT-2, Llama, Qwen3 or Persimmon has x0 skips")
     if c.pos_embedding == "learned":
         if c.norm != "layernorm":
             raise _refuse(f"norm={c.norm} with learned positions",

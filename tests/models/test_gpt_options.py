@@ -20,6 +20,8 @@ OPTIONS = {
     "tied_head": {"tie_embeddings": True},
     "zero_init": {"zero_init": True},
     "softcap": {"logit_softcap": 15.0},
+    "value_embeds": {"value_embeds": 2},
+    "x0_skip": {"x0_skip": True},
     "all_modern": {"pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": "rmsnorm", "mlp": "relu2",
                    "bias": False, "zero_init": True, "logit_softcap": 15.0},
 }
@@ -80,13 +82,47 @@ def test_options_change_the_parameters_as_documented():
     assert isinstance(model_with("qk_norm").blocks[0].attn.q_norm, torch.nn.RMSNorm)
     assert isinstance(model_with("qk_layernorm").blocks[0].attn.k_norm, torch.nn.LayerNorm)
     assert model_with("classic").blocks[0].attn.q_norm is None
+    # value embeddings: a (V, C) table per block that has them; x0 skips: a weight per block
+    assert model_with("value_embeds").num_params() == classic.num_params() + 2 * 13 * 32
+    assert model_with("x0_skip").num_params() == classic.num_params() + 2
+    assert classic.x0_weights is None and len(classic.value_embeds) == 0
+
+
+def test_value_embeddings_change_the_values_only():
+    """A value embedding is added to the values: the attention weights (queries and keys) are
+    the model's without it, and what the attention returns changes."""
+    model = model_with("value_embeds")
+    attn, x = model.blocks[0].attn, torch.randn(1, 16, 32)
+    ve = model.value_embeds[0](torch.randint(0, 13, (1, 16)))
+    with torch.no_grad():
+        q0, k0, v0 = attn.qkv(x)
+        q1, k1, v1 = attn.qkv(x, ve=ve)
+    assert torch.equal(q0, q1) and torch.equal(k0, k1)
+    assert torch.allclose(v1 - v0, ve.view(1, 16, 2, 16).transpose(1, 2), atol=1e-6)
+
+
+def test_x0_skips_add_the_embeddings_before_each_block(monkeypatch):
+    """With x0 weights w, block i reads x + w[i] * x0: checked on what block 1 receives."""
+    model = model_with("x0_skip")
+    seen = []
+    monkeypatch.setattr(model.blocks[1], "forward", lambda x, *a: seen.append(x) or x)
+    idx = torch.randint(0, 13, (1, 16))
+    with torch.no_grad():
+        model(idx)
+        base = seen.pop()
+        model.x0_weights.copy_(torch.tensor([0.0, 0.5]))
+        model(idx)
+    x0 = model.wte(idx) + model.wpe(torch.arange(16))  # the embeddings: tokens + positions
+    assert torch.allclose(seen.pop() - base, 0.5 * x0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [({"norm": "batchnorm"}, "norm must be one of"), ({"mlp": "tanh"}, "mlp must be one of"),
      ({"qk_norm": "l2"}, "qk_norm must be one of none, layernorm, rmsnorm"),
-     ({"logit_softcap": 0.0}, "logit_softcap"), ({"logit_softcap": -3.0}, "logit_softcap")],
+     ({"logit_softcap": 0.0}, "logit_softcap"), ({"logit_softcap": -3.0}, "logit_softcap"),
+     ({"value_embeds": 7}, r"value_embeds must be an integer from 0 to n_layer \(6\)"),
+     ({"value_embeds": -1}, "value_embeds"), ({"value_embeds": True}, "value_embeds")],
 )
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -43,6 +43,12 @@ class GPTConfig:
     tie_embeddings: bool = False  # share the token embedding table with the output head
     zero_init: bool = False  # start residual projections and the head at zero
     logit_softcap: float | None = None  # squash logits into (-cap, cap) with cap * tanh(x / cap)
+    # Value embeddings: the first this-many blocks each add a token embedding table of their own
+    # to the attention values (0: none).
+    value_embeds: int = 0
+    # A learned weight per block adds the first block's input (the embeddings, x0) back into the
+    # residual stream before that block.
+    x0_skip: bool = False
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -86,6 +92,10 @@ def check_config(c: GPTConfig) -> None:
             f"rope rotates channel pairs, so the head size n_embd / n_head must be even; "
             f"got {c.n_embd} / {c.n_head} = {c.n_embd // c.n_head}"
         )
+    ve = c.value_embeds
+    if isinstance(ve, bool) or not isinstance(ve, int) or not 0 <= ve <= c.n_layer:
+        raise ValueError(f"value_embeds must be an integer from 0 to n_layer ({c.n_layer}), "
+                         f"got {ve!r}")
     if c.zero_init and c.tie_embeddings:
         raise ValueError(
             "zero_init and tie_embeddings do not go together (the tied head is the embedding "

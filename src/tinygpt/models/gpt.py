@@ -12,9 +12,9 @@ Read it in the lecture's order:
 5. ``GPT`` -- token and position embeddings, a stack of blocks, a final LayerNorm, a linear head.
 
 Options from later small-transformer work (rotary positions, RMSNorm, QK-norm, ReLU², SwiGLU,
-a tied head, zero-init, a logit soft-cap, float32 attention under reduced-precision autocast) are
-chosen once when the model is built, by the helpers in ``tinygpt.models.gpt_options``; with the
-defaults the model is the lecture's.
+a tied head, zero-init, a logit soft-cap, value embeddings, x0 skips, float32 attention under
+reduced-precision autocast) are chosen once when the model is built, by the helpers in
+``tinygpt.models.gpt_options``; with the defaults the model is the lecture's.
 
 ``forward`` is a pure function of its input, and the only computation of the model there is. For
 fast generation it optionally takes a key/value cache (``tinygpt.models.kv_cache.KVCache``): each
@@ -84,13 +84,15 @@ class MultiHeadAttention(nn.Module):
         self.k_norm = make_norm(config.qk_norm, head_size, config.bias) if qk else None
 
     def qkv(
-        self, x: torch.Tensor, rope: torch.Tensor | None = None, float32: bool = False
+        self, x: torch.Tensor, rope: torch.Tensor | None = None, float32: bool = False,
+        ve: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The queries, keys and values of the positions ``x`` (B, T, C): three (B, H, T, D).
 
         ``c_attn``, split into heads, QK-norm, rotary positions: the one place they are made,
         for the forward (and so for the engine's decode steps) and for ``attention_maps``.
-        ``float32`` makes them in float32 whatever the dtype of ``c_attn``'s output.
+        ``float32`` makes them in float32 whatever the dtype of ``c_attn``'s output. ``ve``
+        (B, T, C), the value embeddings of the tokens (an option), is added to the values.
         """
         B, T, C = x.shape
         H = self.n_head
@@ -103,6 +105,8 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if ve is not None:
+            v = v + ve.view_as(v).to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
 
     def forward(
@@ -110,10 +114,11 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         rope: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         upcast = attention_in_float32(x)
-        q, k, v = self.qkv(x, rope, float32=upcast)  # (B, H, T, D) each
+        q, k, v = self.qkv(x, rope, float32=upcast, ve=ve)  # (B, H, T, D) each
         mask = None
         if cache is not None:
             # Store this step's keys and values; attend over everything cached so far, (B, H, L, D).
@@ -176,8 +181,9 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: torch.Tensor | None = None,
         cache: LayerCache | None = None,
+        ve: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+        x = x + self.attn(self.ln_1(x), rope, cache, ve)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -207,6 +213,10 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = make_norm(config.norm, config.n_embd, config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Options: value embeddings for the first blocks, and x0's weight before each block.
+        self.value_embeds = nn.ModuleList(
+            nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.value_embeds))
+        self.x0_weights = nn.Parameter(torch.zeros(config.n_layer)) if config.x0_skip else None
         init_weights(self, config)
 
     def num_params(self) -> int:
@@ -244,9 +254,12 @@ class GPT(nn.Module):
         else:
             # (T, D/2) -> (T, 1, D/2), or (B, T, D/2) -> (B, T, 1, D/2): broadcast over heads
             rope = self.rope_rot[pos].unsqueeze(-2)
-        x = self.drop(x)
+        x = x0 = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if cache is None else cache.layer(i))
+            if self.x0_weights is not None:  # an option: the embeddings again, weighted
+                x = x + self.x0_weights[i] * x0
+            ve = self.value_embeds[i](idx) if i < len(self.value_embeds) else None  # (B, T, C)
+            x = block(x, rope, None if cache is None else cache.layer(i), ve)
         x = self.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V)
         if self.config.logit_softcap is not None:
