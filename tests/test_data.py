@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tinygpt import data
-from tinygpt.data import load_corpus, resolve_sources
+from tinygpt.data import epoch_starts, load_corpus, resolve_sources
 from tinygpt.errors import TinyGPTError
 
 
@@ -152,6 +152,41 @@ def test_batches_are_shifted_windows_and_reproducible(small_text):
     row = x[0].numpy()
     starts = [i for i in range(len(train) - 16) if np.array_equal(train[i : i + 16], row)]
     assert starts, "each row must be a window of the train split"
+
+
+def test_epoch_windows_read_every_token_once_per_epoch():
+    """--sampling epoch: an epoch is N = (n - T) // T windows side by side at one offset below T,
+    in a random order; the next epoch has another order (and offset)."""
+    n, T = 1000, 16
+    N = (n - T) // T
+    first = epoch_starts(n, T, seed=3, first=0, count=N)
+    second = epoch_starts(n, T, seed=3, first=N, count=N)
+    for epoch in (first, second):
+        s = np.sort(epoch)
+        assert 0 <= s[0] < T and s[-1] + T + 1 <= n  # every window and its next token fit
+        assert (np.diff(s) == T).all()  # side by side: each token once
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first, np.sort(first))  # shuffled
+    # a batch across the end of an epoch continues into the next one's order
+    assert np.array_equal(epoch_starts(n, T, 3, N - 5, 10), np.concatenate([first[-5:], second[:5]]))
+    # a function of (seed, position) only
+    assert np.array_equal(epoch_starts(n, T, 3, 7, 4), first[7:11])
+    assert not np.array_equal(epoch_starts(n, T, 4, 0, N), first)
+
+
+def test_epoch_windows_need_a_window_and_its_next_token():
+    with pytest.raises(TinyGPTError, match="holds no window of 16 tokens"):
+        epoch_starts(31, 16, 0, 0, 1)
+    assert len(epoch_starts(32, 16, 0, 0, 3)) == 3  # one window, read again every epoch
+
+
+def test_given_starts_are_the_batch(small_text):
+    corpus = load_corpus(small_text)
+    starts = np.array([0, 5, 9])
+    x, y = corpus.get_batch("train", 3, 8, torch.Generator(), starts=starts)
+    train = np.asarray(corpus.split("train"))
+    assert all(np.array_equal(x[i].numpy(), train[s : s + 8]) for i, s in enumerate(starts))
+    assert torch.equal(x[:, 1:], y[:, :-1])
 
 
 def test_shakespeare_is_found_in_cache(shakespeare):

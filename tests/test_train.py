@@ -198,10 +198,10 @@ def test_batch_warmup_draws_the_scheduled_batches_and_counts_their_tokens(
     drawn = []
     get_batch = Corpus.get_batch
 
-    def recording(self, split, batch_size, block_size, gen, rows=None):
+    def recording(self, split, batch_size, block_size, gen, rows=None, starts=None):
         if split == "train" and rows is not None:  # the training batches (evaluation draws all)
             drawn.append(batch_size)
-        return get_batch(self, split, batch_size, block_size, gen, rows)
+        return get_batch(self, split, batch_size, block_size, gen, rows, starts)
 
     monkeypatch.setattr(Corpus, "get_batch", recording)
     cfg = tiny_cfg(small_text, tmp_path / "run", batch_size=8, batch_start=2,

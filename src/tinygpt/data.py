@@ -17,6 +17,7 @@ the tokenizer: character and BPE tokens of one text never mix.
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import itertools
 import json
@@ -286,19 +287,47 @@ class Corpus:
         block_size: int,
         generator: torch.Generator,
         rows: slice | None = None,
+        starts: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows: inputs ``x`` (B, T) and targets ``y`` (B, T), y shifted by one.
 
         ``rows`` keeps only those windows of the batch (a data-parallel rank's share): the same
         ``batch_size`` starts are drawn whatever the share, so the shares make up the batch.
+        ``starts`` gives the windows' first positions instead of drawing them (``epoch_starts``).
         """
         data = self.split(split)
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+        ix = starts if starts is not None else torch.randint(
+            len(data) - block_size, (batch_size,), generator=generator).numpy()
         if rows is not None:
             ix = ix[rows]
         idx = ix[:, None] + np.arange(block_size + 1)[None, :]  # (B, T+1)
         chunk = torch.from_numpy(data[idx].astype(np.int64))
         return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()  # as the lecture's batches are
+
+
+def epoch_starts(n_tokens: int, block_size: int, seed: int, first: int, count: int) -> np.ndarray:
+    """The first positions of windows ``first, ..., first + count - 1`` when the windows are drawn
+    without replacement, epoch by epoch (``--sampling epoch``).
+
+    An epoch cuts the split into N = (n_tokens - T) // T windows of T tokens, all at one random
+    offset below T, and visits them in a random order: every token is read once per epoch. The
+    order is a function of (seed, epoch) alone, so a resumed run and every rank of a torchrun
+    job see the same windows.
+    """
+    n = (n_tokens - block_size) // block_size
+    if n < 1:
+        raise TinyGPTError(f"the training split ({n_tokens} tokens) holds no window of "
+                           f"{block_size} tokens and the one after; give a smaller --block-size")
+    picks = [_epoch_order(n, block_size, seed, i // n)[i % n] for i in range(first, first + count)]
+    return np.array(picks, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, block_size: int, seed: int, epoch: int) -> np.ndarray:
+    state = np.random.SeedSequence([seed, epoch, 2]).generate_state(2, np.uint64)[0]
+    g = torch.Generator().manual_seed(int(state >> 1))
+    offset = int(torch.randint(block_size, (1,), generator=g))
+    return (offset + block_size * torch.randperm(n, generator=g)).numpy()
 
 
 def load_corpus(

@@ -42,6 +42,7 @@ from tinygpt.checkpoint import (
 )
 from tinygpt.config import RunConfig, TrainConfig
 from tinygpt.copying import CopyReport
+from tinygpt.data import epoch_starts
 from tinygpt.distributed import (
     barrier,
     batch_generator,
@@ -239,8 +240,12 @@ def training_step(run: Run, state: LoopState) -> float:
     # The batch of this step is a function of (seed, step); this process trains on its rows.
     d, T, seed = cfg.data, cfg.model.block_size, cfg.run.seed
     B = batch_size_at(state.step, d.batch_size, d.batch_start, d.batch_warmup_steps)
+    starts = None
+    if d.sampling == "epoch":  # the next B windows of the epochs' orders
+        done = tokens_seen(state.step, d.batch_size, d.batch_start, d.batch_warmup_steps, T) // T
+        starts = epoch_starts(run.corpus.n_train, T, seed, done, B)
     x, y = run.corpus.get_batch("train", B, T, batch_generator(seed, state.step),
-                                rows=run.dist.share(B))
+                                rows=run.dist.share(B), starts=starts)
     x, y = x.to(run.device), y.to(run.device)  # (B/W, T) inputs and (B/W, T) next characters
 
     optimizer.zero_grad(set_to_none=True)
