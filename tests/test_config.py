@@ -30,6 +30,7 @@ FLAT_KEYS = {
     "weight_decay", "beta1", "beta2", "grad_clip", "max_steps", "max_time", "dtype", "compile",
     "eval_interval", "eval_iters", "full_val", "save_every", "keep", "sample_chars", "seed",
     "device", "dist_timeout", "tensorboard", "check", "stop_when_overfitting", "fit_to_corpus",
+    "sampling", "value_embeds", "x0_skip",
 }
 
 

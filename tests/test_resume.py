@@ -253,27 +253,29 @@ def _edit_state(folder, edit) -> None:
 
 
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(small_text, tmp_path):
-    """A run saved before dtype/compile/attn_dropout existed had their defaults: it resumes, and
-    giving the default value explicitly is not a change."""
+    """A run saved before dtype/compile/attn_dropout/sampling existed had their defaults: it
+    resumes, and giving the default value explicitly is not a change."""
     run = tmp_path / "run"
     train_in_process(small_text, run, max_steps=10)
 
     def drop(state):
-        for key in ("dtype", "compile", "attn_dropout"):
+        for key in ("dtype", "compile", "attn_dropout", "sampling"):
             del state["train_config"][key]
         del state["model_config"]["attn_dropout"]
 
     _edit_state((run / "last").resolve(), drop)
     assert main_in_process("train", "--resume", run, "--max-steps", "20",
-                           "--dtype", "float32") == 0
+                           "--dtype", "float32", "--sampling", "random") == 0
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 20
 
 
 def test_killed_in_the_middle_of_a_batch_warmup_and_resumed_ends_bitwise_identical(
         small_text, tmp_path):
-    """The batch size is a function of the step, so a run killed at step 13 of a 16-step warmup
-    (checkpoint at 10) continues with the same batches."""
-    warmup = dict(max_steps=20, batch_start=2, batch_warmup_steps=16)
+    """The batch size is a function of the step, and so are the windows drawn epoch by epoch
+    (``--sampling epoch``: the sequences seen so far say where in the epochs' orders the next
+    batch starts), so a run killed at step 13 of a 16-step warmup (checkpoint at 10) continues
+    with the same batches."""
+    warmup = dict(max_steps=20, batch_start=2, batch_warmup_steps=16, sampling="epoch")
     train_in_process(small_text, tmp_path / "ref", **warmup)
     args = ["train", *flags(tiny_settings(small_text, tmp_path / "run", **warmup))]
     assert run_tinygpt(*args, fault="step@13").returncode == -signal.SIGKILL

@@ -37,6 +37,7 @@ DEFAULT_BPE_VOCAB = 1024
 # What --resume and --init-from may do with a setting (field metadata "resume" and "init"):
 RESUME_CHANGE = "change"  # --resume may give another value (nothing a step computes changes)
 RESUME_SAME_TEXT = "same text"  # --resume may name the same text at a new place
+SAMPLINGS = ("random", "epoch")  # how training windows are drawn (tinygpt.data)
 INIT_SOURCE = "source"  # --init-from takes the source model's value; a given one must match it
 INIT_SOURCE_DEFAULT = "source default"  # --init-from: the source's value unless one is given
 
@@ -59,6 +60,8 @@ _MODERN_ARCH = {
 _MODERN_OPT = {
     "optimizer": "muon", "muon_lr": 0.02, "lr": 3e-3, "schedule": "wsd", "decay_fraction": 0.3,
     "min_lr_ratio": 0.0, "warmup_steps": 50, "weight_decay": 0.0,
+    # Windows without replacement, every token once per epoch: 0.02 lower after 600 steps.
+    "sampling": "epoch",
 }
 PRESETS: dict[str, Preset] = {
     "modern": Preset(
@@ -157,6 +160,10 @@ MODEL_SETTINGS: dict[str, dict] = {
     "zero_init": {"help": "initialise residual projections and the head to zero"},
     "logit_softcap": {"help": "squash logits into (-CAP, CAP) with CAP*tanh(x/CAP)",
                       "metavar": "CAP"},
+    "value_embeds": {"help": "the first N blocks add a token embedding table of their own to "
+                     "the attention values", "metavar": "N"},
+    "x0_skip": {"help": "a learned weight per block adds the embeddings (x0) back into the "
+                "residual stream before it"},
 }
 for _meta in MODEL_SETTINGS.values():
     _meta.setdefault("init", INIT_SOURCE)
@@ -197,6 +204,10 @@ class DataConfig:
         "warmup)",
     )
     batch_warmup_steps: int = setting(0, "steps over which the batch grows from --batch-start")
+    sampling: str = setting(
+        "random", "random: each window drawn anywhere, with replacement (the lecture's); epoch: "
+        "without replacement, every token once per epoch", choices=SAMPLINGS,
+    )
     grad_accum: int = setting(
         1, "split each process's share of the batch into this many micro-batches (gradients "
         "accumulated; the same update, less memory)", metavar="K", resume=RESUME_CHANGE,
@@ -209,6 +220,7 @@ class DataConfig:
             _check_int("batch_start", self.batch_start, 1)
         _check_int("batch_warmup_steps", self.batch_warmup_steps, 0)
         _check_choice("tokenizer", self.tokenizer, TOKENIZER_KINDS)
+        _check_choice("sampling", self.sampling, SAMPLINGS)
         if self.vocab_size is not None:
             if self.tokenizer != "bpe":
                 raise ValueError("--vocab-size is for --tokenizer bpe (a character vocabulary is "
