@@ -75,3 +75,16 @@ def test_a_saved_run_older_than_a_setting_takes_its_default(small_text, tmp_path
     cfg = resumed_config(tmp_path, saved, {}, None)
     assert cfg.data.batch_start is None and cfg.model.qk_norm == "none"
     assert cfg.model.mlp == "gelu" and cfg.model.n_layer == 1
+
+
+def test_a_missing_device_is_named_before_the_corpus_is_read(tmp_path, monkeypatch):
+    """A new modern run reads its corpus to size the recipe; a device that is not here must be
+    the first thing to hear of, before a large text is tokenised for nothing."""
+    import tinygpt.resolve as resolve_module
+
+    def no_corpus(*a, **k):
+        raise AssertionError("the corpus was read before the device was checked")
+
+    monkeypatch.setattr(resolve_module, "load_corpus", no_corpus)
+    with pytest.raises(TinyGPTError, match="cuda"):
+        resolve_start({"data": str(tmp_path / "text.txt"), "device": "cuda:7"})
