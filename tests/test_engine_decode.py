@@ -12,10 +12,10 @@ from tinygpt.generate import SamplingConfig, generate_tokens
 from tinygpt.models import GPT, GPTConfig
 
 BS = 8
-# auto, model, linear, transposed, packed (where this build of torch has MKL's packed weights)
+# auto, model, linear, transposed, packed (where this build of torch has MKL's packed weights), bag
 LAYOUTS = [x for x in DECODE_LAYOUTS if x not in decode_module.MEASURED_LAYOUTS
            or decode_module.layout_available(x)]
-COPIES = [x for x in ("transposed", "packed") if x in LAYOUTS]
+COPIES = [x for x in ("transposed", "packed", "bag") if x in LAYOUTS]
 # Every option appears in at least one of these.
 CONFIGS = {
     "lecture": {},
@@ -272,7 +272,7 @@ def test_auto_measures_the_available_layouts_only(monkeypatch):
     monkeypatch.setattr(decode_module, "_MEASURED_LAYOUTS", {})
     decode_module.layout_available.cache_clear()
     try:
-        assert decode_module.available_layouts() == ("linear", "transposed")
+        assert decode_module.available_layouts() == ("linear", "transposed", "bag")
         model = make_gpt(n_embd=20, n_head=2)
         engine = Engine(model, decode_layout="auto")
         s = engine.new_sequence([1, 2])
@@ -280,9 +280,9 @@ def test_auto_measures_the_available_layouts_only(monkeypatch):
             logits = engine.step([s])[0]
             torch.testing.assert_close(logits, reference_logits(model, s.tokens), atol=1e-5, rtol=0)
             engine.append(s, int(logits.argmax()))
-        assert set(engine._decoder.choice.values()) <= {"linear", "transposed"}
+        assert set(engine._decoder.choice.values()) <= {"linear", "transposed", "bag"}
         with pytest.raises(ValueError, match="'packed' is not available .*auto, model, linear, "
-                                             "transposed$"):
+                                             "transposed, bag$"):
             Engine(model, decode_layout="packed")
     finally:
         decode_module.layout_available.cache_clear()

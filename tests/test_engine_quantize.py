@@ -5,37 +5,52 @@ import torch
 
 from tests.test_engine_decode import BS, make_gpt, reference_logits
 from tinygpt.engine import Engine
+from tinygpt.engine.bags import BAG_ROWS
 from tinygpt.engine.quantize import (
-    KERNEL_ROWS,
+    MIN_ROW_WIDTH,
+    ROW_EXTRA,
     Int8Linear,
+    dequantize_table,
     int8_linear,
     int8_weight_bytes,
     quantize_int8,
-    quantize_rows,
+    quantize_table,
 )
 from tinygpt.errors import TinyGPTError
 from tinygpt.quantize import quantize_model
 
 
-def test_rows_are_quantized_symmetrically_within_half_a_step():
+def test_each_table_row_is_quantized_on_its_own_range_within_half_a_step():
+    """A table row is one input channel's weights in one part: columns of W, 4 parts of 6."""
     torch.manual_seed(0)
-    w = torch.randn(6, 40) * torch.tensor([1e-3, 0.1, 1, 10, 100, 0.0])[:, None]
-    q, scale = quantize_rows(w)
-    assert q.dtype == torch.int8 and scale.shape == (6,) and scale.dtype == torch.float32
-    assert int(q.abs().max()) == 127 and int(q.min()) >= -127  # every non-zero row uses the range
-    err = (q.float() * scale[:, None] - w).abs()
-    assert bool((err <= scale[:, None] / 2 + 1e-7 * w.abs()).all())
-    assert not q[5].any()  # an all-zero row stays zero
+    magnitudes = torch.tensor([1e-3, 0.1, 1, 10, 100, 0.0])  # per input channel
+    w = torch.randn(24, 6) * magnitudes  # (out 24, in 6)
+    packed = quantize_table(w, parts=4)
+    assert packed.dtype == torch.uint8 and packed.shape == (4 * 6, 24 // 4 + ROW_EXTRA)
+    deq = dequantize_table(packed, parts=4)
+    assert deq.shape == w.shape
+    scale = packed[:, -ROW_EXTRA:].contiguous().view(torch.float32)[:, 0]  # (parts * in,)
+    step = scale.view(4, 6).amax(0)  # the coarsest step per input channel
+    err = (deq - w).abs().amax(0)  # per input channel
+    assert bool((err <= step / 2 + 1e-6 * w.abs().amax(0)).all())
+    assert not deq[:, 5].any()  # an all-zero channel stays zero
+    for i in range(5):  # each range is used: a row's values reach 0 and 255
+        values = packed.view(4, 6, -1)[:, i, :-ROW_EXTRA]
+        assert int(values.min()) == 0 and int(values.max()) == 255
 
 
-@pytest.mark.parametrize("rows", [1, KERNEL_ROWS, KERNEL_ROWS + 1, 64])
-def test_both_kernel_paths_multiply_by_the_dequantized_weight(rows):
+@pytest.mark.parametrize("rows", [1, BAG_ROWS, BAG_ROWS + 1, 64])
+@pytest.mark.parametrize("out", [24, 384])
+def test_both_kernel_paths_multiply_by_the_dequantized_weight(rows, out):
     torch.manual_seed(rows)
-    w, b = torch.randn(24, 40), torch.randn(24)
-    q, scale = quantize_rows(w)
+    layer = Int8Linear(torch.nn.Linear(40, out))
+    assert layer.parts == (1 if out == 24 else 4)  # rows of at least MIN_ROW_WIDTH values
     x = torch.randn(rows, 40)
-    expected = torch.nn.functional.linear(x, q.float() * scale[:, None], b)
-    torch.testing.assert_close(int8_linear(x, q, scale, b), expected, atol=1e-5, rtol=1e-5)
+    expected = torch.nn.functional.linear(x, layer.dequantized(), layer.bias)
+    got = int8_linear(x, layer.weight_packed, layer.parts, layer.bias)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer(x.view(rows, 1, 40)), expected.view(rows, 1, out),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_what_is_quantized_and_what_stays_float32():
@@ -48,12 +63,14 @@ def test_what_is_quantized_and_what_stays_float32():
     assert isinstance(untied.lm_head, Int8Linear)
     linears = [m for m in make_gpt().modules() if isinstance(m, torch.nn.Linear)]
     fp32 = sum(m.weight.numel() * 4 for m in linears)
-    assert int8_weight_bytes(untied) == sum(m.weight.numel() + 4 * m.out_features for m in linears)
-    assert int8_weight_bytes(untied) < fp32 / 3
+    # each table row: its values, then a float32 scale and bias (rows 16 to 44 wide: 1 part)
+    assert MIN_ROW_WIDTH > 44
+    assert int8_weight_bytes(untied) == sum(m.weight.numel() + 8 * m.in_features for m in linears)
+    assert int8_weight_bytes(untied) < fp32 / 2  # rows this narrow pay 8 bytes per 11-64
 
 
-# |logit(int8) - logit(float32)| stays within this share of the float32 logits' spread: per
-# channel int8 on a tiny random model (16 wide, logits scaled up 30x) moves them by about 0.5%.
+# |logit(int8) - logit(float32)| stays within this share of the float32 logits' spread: rowwise
+# int8 on a tiny random model (16 wide, logits scaled up 30x) moves them by about 0.2%.
 INT8_TOLERANCE = 0.03
 
 

@@ -432,7 +432,7 @@ def export_model(model: GPT, tokenizer, out_dir: Path, overwrite: bool = False) 
         raise TinyGPTError(f"the tokenizer has {tokenizer.vocab_size} tokens, the model "
                            f"{c.vocab_size}")
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    if any(k.endswith(".weight_int8") for k in sd):
+    if any(k.endswith(".weight_packed") for k in sd):
         raise TinyGPTError("cannot export a model with int8 weights (--quantize int8): the "
                            "exported model is the float32 one; export the run itself")
     if arch == "GPT2LMHeadModel":

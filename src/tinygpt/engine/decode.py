@@ -9,8 +9,10 @@ which stays as it is:
 * The layout of each weight matrix. ``F.linear(x, W)`` reads W (out, in) as one dot product per
   output; with W stored transposed -- (in, out) in memory, the same (out, in) matrix to
   ``F.linear`` -- the BLAS library adds up rows scaled by the entries of x instead; MKL can also
-  keep its own packed copy of W for products of one row. On some AMD CPUs the second streams the
-  weights nearly twice as fast; elsewhere the first may win. All are float32 sums of the same
+  keep its own packed copy of W for products of one row; and W^T can be an embedding table
+  whose rows an embedding bag adds up, scaled by x (``tinygpt.engine.bags``: ATen's kernel, not
+  the BLAS library's). On the AMD EPYC measured here the bag streams the weights fastest, the
+  transposed copy next; elsewhere the plain product may win. All are float32 sums of the same
   products (in another order: the results differ in the last bits only), so
   ``measure_decode_layouts`` times the ones this build of torch offers once per process and the
   fastest is used for each matrix shape. (int8 layers, ``tinygpt.engine.quantize``, have one
@@ -25,8 +27,8 @@ which stays as it is:
   new kind of layer costs a few us per call).
 
 ``DECODE_LAYOUTS``: "auto" (measured), "linear" (the weights as stored), "transposed" (transposed
-copies), "packed" (MKL's packed copies), or "model" (no stand-ins: the model itself, as for a
-prefill). docs/generation.md has what else was tried and why it was left out.
+copies), "packed" (MKL's packed copies), "bag" (embedding-bag tables), or "model" (no stand-ins:
+the model itself, as for a prefill). docs/generation.md has what else was tried and why it was left out.
 """
 
 from __future__ import annotations
@@ -41,17 +43,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts
 from tinygpt.engine.quantize import Int8Linear, int8_linear
 from tinygpt.models.gpt import GPT
 from tinygpt.models.kv_cache import KVCache
 
-DECODE_LAYOUTS = ("auto", "model", "linear", "transposed", "packed")
+DECODE_LAYOUTS = ("auto", "model", "linear", "transposed", "packed", "bag")
 # Forces the layout of decode steps: "model" (the model's own forward, no stand-ins), "linear"
-# (the weights as stored), "transposed" (transposed copies), "packed" (MKL's packed copies) or
-# "auto" (measured).
+# (the weights as stored), "transposed" (transposed copies), "packed" (MKL's packed copies),
+# "bag" (embedding-bag tables) or "auto" (measured).
 DECODE_LAYOUT_ENV = "TINYGPT_DECODE_LAYOUT"
 # The layouts "auto" measures (those this build of torch offers), in order of preference on a tie.
-MEASURED_LAYOUTS = ("linear", "transposed", "packed")
+MEASURED_LAYOUTS = ("linear", "transposed", "packed", "bag")
 # Measured layouts, per (device, dtype, weight shapes in order, threads): once per process.
 _MEASURED_LAYOUTS: dict[tuple, dict[tuple[int, int], str]] = {}
 
@@ -65,6 +68,29 @@ def transposed_copy(weight: torch.Tensor) -> torch.Tensor:
 def _plain(weight: torch.Tensor, bias: torch.Tensor | None, copy: bool):
     w = transposed_copy(weight) if copy else weight
     return functools.partial(F.linear, weight=w, bias=bias), w
+
+
+def _float_bag(table: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:
+    """ATen's embedding bag: per bag, the sum of ``table``'s rows ``indices`` times ``weights``."""
+    return torch.embedding_bag(table, indices, offsets, False, 0, False, weights, False)[0]
+
+
+def _bag(weight: torch.Tensor, bias: torch.Tensor | None):
+    """W^T as an embedding table, cut by columns into parts: the product of up to ``BAG_ROWS``
+    rows is a weighted sum of its rows (``tinygpt.engine.bags``); more rows multiply by the
+    weight as stored."""
+    out = weight.shape[0]
+    parts = column_parts(out)
+    table = bag_table(weight, parts)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > BAG_ROWS * x.shape[-1]:
+            return F.linear(x, weight, bias)
+        y = bag_product(_float_bag, table, x, parts, out)
+        return y if bias is None else y + bias
+
+    return run, table
 
 
 def _packed(weight: torch.Tensor, bias: torch.Tensor | None):
@@ -84,6 +110,7 @@ LAYOUT_KERNELS: dict[str, Callable] = {
     "linear": lambda w, b: _plain(w, b, copy=False),
     "transposed": lambda w, b: _plain(w, b, copy=True),
     "packed": _packed,
+    "bag": _bag,
 }
 
 
@@ -113,7 +140,7 @@ def measure_decode_layouts(weights: Sequence[torch.Tensor], rounds: int = 5,
     real step, each matrix comes from memory rather than from a warm cache), in every layout
     back to back -- in an order that rotates, so that a burst of load elsewhere hits all alike --
     and each shape keeps its best total per layout over the rounds. A shape gets a copy
-    ("transposed", "packed") only if that is at least 5% faster than the weight as stored: a copy
+    ("transposed", "packed", "bag") only if that is at least 5% faster than the weight as stored: a copy
     costs memory. A noisy measurement can only cost speed, never exactness: every layout
     computes the same products (in another order: the results differ in the last bits).
     """
@@ -183,9 +210,9 @@ def _stand_in_class(cls: type) -> type:
 class DecodeModel:
     """``model``'s forward with a cache for one new token per row, run on lean stand-ins of its
     layers, with each linear layer's weight in the layout chosen for this CPU (``layout``:
-    "linear", "transposed", "packed" or "auto"; see the module docstring).
+    "linear", "transposed", "packed", "bag" or "auto"; see the module docstring).
 
-    The stand-ins hold the model's own tensors (the transposed and packed layouts a copy),
+    The stand-ins hold the model's own tensors (the other layouts than "linear" a copy),
     looked up once; each step checks (cheaply) that none of them was replaced or, for the
     copies, changed in place since, and looks again if one was. (Replacing a whole layer of the model is not
     noticed: make a new engine.)
@@ -250,9 +277,8 @@ class DecodeModel:
         if kind is nn.Linear:
             return self._linear(module)
         if kind is Int8Linear:  # int8 weights (--quantize int8): the kernel, called directly
-            return functools.partial(int8_linear, weight_int8=self._ref(module, "weight_int8"),
-                                     scale=self._ref(module, "scale"),
-                                     bias=self._ref(module, "bias"))
+            return functools.partial(int8_linear, packed=self._ref(module, "weight_packed"),
+                                     parts=module.parts, bias=self._ref(module, "bias"))
         if kind is nn.Dropout:
             return _identity  # eval mode
         if kind in _DIRECT:

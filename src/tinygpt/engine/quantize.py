@@ -1,16 +1,21 @@
-"""int8 weight-only models: each linear layer's weight as int8 with one float scale per output.
+"""int8 weight-only models: each linear layer's weight as rows of 8-bit values, each row with
+its own float32 scale and offset.
 
 A batch-1 decode step reads every weight once for two flops each, so its speed is set by the
-bytes of the weights; int8 weights are a quarter of float32's. The scheme is the simplest that
-holds up: per output channel (row ``o`` of the (out, in) weight), symmetric, no zero point::
+bytes of the weights; 8-bit weights are a quarter of float32's (plus 8 bytes per row of 96 or
+more values). The layout is the embedding-bag table of ``tinygpt.engine.bags``: W^T (in, out),
+cut by columns into ``parts``, so that a row of the table is one input channel's weights in one
+part, ``w = out / parts`` values. Each row is quantized on its own range, asymmetrically::
 
-    scale[o] = max_i |W[o, i]| / 127          q[o, i] = round(W[o, i] / scale[o])  in [-127, 127]
+    scale = (max - min) / 255        bias = min        q = round((v - bias) / scale)  in [0, 255]
 
-so ``W ~ scale[:, None] * q`` with an error of at most half a step (``scale / 2``) per weight.
-Activations stay float32: ``y = (x @ q^T) * scale + b``, the product done by PyTorch's own
-int8-weight kernel (``aten._weight_int8pack_mm``) for the few rows of a decode step, and as a
-float32 product with the weights dequantized on the fly for the many rows of a prefill or an
-evaluation (where the kernel is slow, and the dequantized copy costs little beside the product).
+so ``v ~ scale * q + bias`` with an error of at most half a step (``scale / 2``) per weight --
+fbgemm's "8-bit rowwise" format (``quantized.embedding_bag_byte_prepack``: each row its w bytes
+then its scale and bias as float32). Activations stay float32. A product of up to ``BAG_ROWS``
+rows on the CPU (decode steps) is fbgemm's 8-bit embedding bag over that table, which reads the
+bytes and dequantizes them on the fly; more rows (a prefill, an evaluation batch), or another
+device, multiply by the weight dequantized for the call (the copy costs little beside a product
+of many rows).
 
 What is quantized, by ``quantize_int8``: every ``nn.Linear`` of the model (attention's q/k/v and
 output projections, the MLP's, the untied ``lm_head``) -- the matrices a decode step reads in
@@ -26,53 +31,74 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# At most this many rows go through the int8 kernel; more are multiplied dequantized.
-KERNEL_ROWS = 16
+from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts
+
+# Rows of the table hold at least this many values where the output width allows, so that the
+# 8 bytes of a row's scale and bias add at most 8%.
+MIN_ROW_WIDTH = 96
+# Bytes after a row's values: its scale and its bias, float32 each.
+ROW_EXTRA = 8
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight (out, in), float32 scale (out,)): symmetric per output channel."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # an all-zero row: any scale will do
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+def quantize_table(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """W (out, in) as the uint8 table (parts * in, out / parts + 8): each row's 8-bit values,
+    then its scale and bias (see the module docstring). Made on the CPU, where the kernel is."""
+    table = bag_table(weight.detach().float().cpu(), parts)
+    return torch.ops.quantized.embedding_bag_byte_prepack(table)
 
 
-def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
+def dequantize_table(packed: torch.Tensor, parts: int) -> torch.Tensor:
+    """The float32 (out, in) weight that the table ``packed`` holds, on its device."""
+    k = packed.shape[0] // parts
+    scale_bias = packed[:, -ROW_EXTRA:].contiguous().view(torch.float32)  # (rows, 2)
+    values = packed[:, :-ROW_EXTRA].float() * scale_bias[:, :1] + scale_bias[:, 1:]
+    w_t = values.view(parts, k, -1).transpose(0, 1).reshape(k, -1)  # W^T (in, out)
+    return w_t.t()
+
+
+def _byte_bag(packed: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
+    """fbgemm's 8-bit rowwise embedding bag: per bag, the dequantized rows times ``weights``."""
+    return torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        packed, indices, offsets, False, 0, False, weights, None, False)
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, parts: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (scale[:, None] * weight_int8)^T + bias`` for float ``x`` (..., in)."""
-    rows = x.numel() // x.shape[-1]
-    if rows <= KERNEL_ROWS and x.is_cpu and x.dtype == scale.dtype == torch.float32:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), weight_int8, scale)
-        y = y.reshape(*x.shape[:-1], -1)
+    """``x @ W^T + bias`` for float ``x`` (..., in), W held by the table ``packed``."""
+    k = x.shape[-1]
+    if x.is_cpu and x.dtype == torch.float32 and x.numel() <= BAG_ROWS * k:
+        out = parts * (packed.shape[1] - ROW_EXTRA)
+        y = bag_product(_byte_bag, packed, x, parts, out)
     else:
-        y = F.linear(x, weight_int8.to(x.dtype)) * scale.to(x.dtype)
+        y = F.linear(x, dequantize_table(packed, parts).to(x.dtype))
     return y if bias is None else y + bias
 
 
 class Int8Linear(nn.Module):
-    """An ``nn.Linear`` with its weight stored as int8 and a float32 scale per output channel
-    (see the module docstring); the bias, if any, stays as it was."""
+    """An ``nn.Linear`` with its weight stored as an 8-bit table (see the module docstring); the
+    bias, if any, stays as it was."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = quantize_rows(linear.weight)
-        self.register_buffer("weight_int8", q.to(linear.weight.device))
-        self.register_buffer("scale", scale.to(linear.weight.device))
+        self.parts = column_parts(linear.out_features, MIN_ROW_WIDTH)
+        packed = quantize_table(linear.weight, self.parts)
+        self.register_buffer("weight_packed", packed.to(linear.weight.device))
         bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                requires_grad=False)
         self.register_parameter("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight_int8, self.scale, self.bias)
+        return int8_linear(x, self.weight_packed, self.parts, self.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 (out, in) weight this layer multiplies by."""
-        return self.weight_int8.float() * self.scale[:, None]
+        return dequantize_table(self.weight_packed, self.parts)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int8 in {self.parts} parts")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -87,6 +113,5 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 def int8_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the int8 weights and their scales in ``model``."""
-    return sum(m.weight_int8.numel() + 4 * m.scale.numel()
-               for m in model.modules() if isinstance(m, Int8Linear))
+    """Bytes of the int8 tables (values, scales and biases) in ``model``."""
+    return sum(m.weight_packed.numel() for m in model.modules() if isinstance(m, Int8Linear))
