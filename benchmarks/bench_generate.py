@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py                  # lecture-size model, 2000 chars, B=1 and 8
     python benchmarks/bench_generate.py --chars 300 --batch 1 --threads 1
-    python benchmarks/bench_generate.py --batch 1 --decode-layout auto model linear transposed packed
+    python benchmarks/bench_generate.py --batch 1 --decode-layout auto model linear transposed packed bag
     python benchmarks/bench_generate.py --batch 1 --no-int8     # without the int8 row
 
 The model has the shape of the lecture's final one (6 layers, 6 heads, 384 wide, context 256,
@@ -15,7 +15,7 @@ way (a model with random weights has many near ties). It reports characters per 
 over the batch, and, measured in the same run, how close each path comes to what the memory
 allows: the memory's read bandwidth (a sum over a 512 MB tensor), the weights-read ceiling (one
 ``x @ W^T`` over every weight matrix of the model, the least work a cached step at batch 1 must
-do) and, per path, its model-bandwidth utilisation (MBU: the weight bytes a step reads times its
+do, in each decode layout: the fastest is the ceiling) and, per path, its model-bandwidth utilisation (MBU: the weight bytes a step reads times its
 steps per second, over the read bandwidth) and its share of the ceiling. Both paths slide the
 context window the same way once the text outgrows it (by
 --window-shift characters, default half the context); --window-shift 1 is the lecture's crop at
@@ -24,11 +24,12 @@ every step, where the cache has nothing to reuse past the context length.
 --decode-layout picks how the cached path runs a step of one new token per sequence (one row
 each): ``auto`` (the default: the model's forward on the engine's lean stand-ins of its layers,
 each weight shape in the layout measured fastest on this CPU, printed below), ``linear`` /
-``transposed`` / ``packed`` (forced), ``model`` (the model itself, nn.Modules and all).
+``transposed`` / ``packed`` / ``bag`` (forced), ``model`` (the model itself, nn.Modules and all).
 
 The int8 row (``--int8``, on by default) times the cached path (auto) over a copy of the model
 with int8 weight-only linear layers (``--quantize int8``). Its MBU counts the int8 bytes it reads
-(its own, smaller, weights); its ``ceil`` column is still the share of the float32 ceiling. It is
+(its own, smaller, weights); its ``ceil`` column is still the share of the float32 ceiling (the
+int8 tables' own one-pass figure is printed above the table). It is
 another model, so its tokens are compared with the float32 reference's but need not match: the
 check column says how many steps chose the same token, and the largest logit difference.
 """
@@ -46,7 +47,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tinygpt.engine import DECODE_LAYOUTS, Engine  # noqa: E402
-from tinygpt.engine.quantize import int8_weight_bytes, quantize_int8  # noqa: E402
+from tinygpt.engine.decode import LAYOUT_KERNELS, available_layouts  # noqa: E402
+from tinygpt.engine.quantize import Int8Linear, int8_weight_bytes, quantize_int8  # noqa: E402
 from tinygpt.generate import SamplingConfig, generate_tokens  # noqa: E402
 from tinygpt.models import GPT, GPTConfig  # noqa: E402
 
@@ -109,16 +111,31 @@ def best_seconds(fn, rounds: int = 20) -> float:
     return best
 
 
-def weights_ceiling(weights: list[torch.Tensor]) -> float:
-    """Steps per second of the least work a cached step at batch 1 must do: one ``x @ W^T`` over
-    every weight matrix, in the model's order, each read once from memory."""
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+def one_pass_rate(kernels: list, in_features: list[int], dtype: torch.dtype, device) -> float:
+    """Passes per second of ``kernels`` (x -> x @ W^T each), called in order on one row each."""
+    xs = {k: torch.randn(1, k, dtype=dtype, device=device) for k in set(in_features)}
 
     def one_pass() -> None:
-        for w in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w)
+        for run, k in zip(kernels, in_features):
+            run(xs[k])
 
     return 1.0 / best_seconds(one_pass)
+
+
+def weights_ceilings(weights: list[torch.Tensor]) -> dict[str, float]:
+    """Steps per second, per available decode layout, of the least work a cached step at batch 1
+    must do: one ``x @ W^T`` over every weight matrix in that layout, in the model's order, each
+    read once from memory. The best of them is the ceiling."""
+    ks = [w.shape[1] for w in weights]
+    return {layout: one_pass_rate([LAYOUT_KERNELS[layout](w, None)[0] for w in weights], ks,
+                                  weights[0].dtype, weights[0].device)
+            for layout in available_layouts()}
+
+
+def int8_ceiling(model: torch.nn.Module) -> float:
+    """The same for the int8 layers of ``model``: one pass of their kernel over every table."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    return one_pass_rate(layers, [m.in_features for m in layers], torch.float32, "cpu")
 
 
 def read_bandwidth(mbytes: int = 512) -> float:
@@ -182,10 +199,19 @@ def main() -> int:
     weights = weight_matrices(model)
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     bandwidth = read_bandwidth()
-    ceiling = weights_ceiling(weights)
+    ceilings = weights_ceilings(weights)
+    ceiling = max(ceilings.values())
     print(f"memory: {bandwidth / 1e9:.1f} GB/s read (a sum over 512 MB); weights {len(weights)} "
           f"matrices, {weight_bytes / 1e6:.1f} MB: ceiling {ceiling:,.0f} steps/s at batch 1 "
           f"(one x @ W^T over each, {ceiling * weight_bytes / 1e9:.1f} GB/s)")
+    print("  one pass by layout: " + ", ".join(
+        f"{name} {rate:,.0f}/s ({rate * weight_bytes / 1e9:.1f} GB/s)"
+        for name, rate in ceilings.items()))
+    int8_model = quantize_int8(copy.deepcopy(model)) if args.int8 else None
+    if int8_model is not None and args.device == "cpu":
+        rate, nbytes = int8_ceiling(int8_model), int8_weight_bytes(int8_model)
+        print(f"  one pass over the int8 tables ({nbytes / 1e6:.1f} MB): {rate:,.0f}/s "
+              f"({rate * nbytes / 1e9:.1f} GB/s)")
     print("  MBU: weight bytes a step reads x steps/s over the memory's read bandwidth; "
           "ceiling: steps/s over the ceiling's")
     print(f"{'batch':>5}  {'path':<28} {'seconds':>8} {'chars/s':>9} {'speed-up':>8} "
@@ -195,7 +221,6 @@ def main() -> int:
         steps = args.chars / seconds
         return (f"{steps:8.1f} {steps * nbytes / bandwidth:5.0%} "
                 f"{steps / ceiling:5.0%}")
-    int8_model = quantize_int8(copy.deepcopy(model)) if args.int8 else None
     ok = True
     for B in args.batch:
         prompts = torch.arange(B, device=args.device)[:, None] % cfg.vocab_size  # (B, 1)
