@@ -15,11 +15,12 @@ way (a model with random weights has many near ties). It reports characters per 
 over the batch, and, measured in the same run, how close each path comes to what the memory
 allows: the memory's read bandwidth (a sum over a 512 MB tensor), the weights-read ceiling (one
 ``x @ W^T`` over every weight matrix of the model, the least work a cached step at batch 1 must
-do, in each decode layout: the fastest is the ceiling) and, per path, its model-bandwidth utilisation (MBU: the weight bytes a step reads times its
-steps per second, over the read bandwidth) and its share of the ceiling. Both paths slide the
-context window the same way once the text outgrows it (by
---window-shift characters, default half the context); --window-shift 1 is the lecture's crop at
-every step, where the cache has nothing to reuse past the context length.
+do, in each decode layout: the fastest is the ceiling) and, per path, its model-bandwidth
+utilisation (MBU: the weight bytes a step reads times its steps per second, over the read
+bandwidth) and its share of the ceiling. Both paths slide the context window the same way once
+the text outgrows it (by --window-shift characters, default half the context); --window-shift 1
+is the lecture's crop at every step, where the cache has nothing to reuse past the context
+length.
 
 --decode-layout picks how the cached path runs a step of one new token per sequence (one row
 each): ``auto`` (the default: the model's forward on the engine's lean stand-ins of its layers,
@@ -29,9 +30,9 @@ each weight shape in the layout measured fastest on this CPU, printed below), ``
 The int8 row (``--int8``, on by default) times the cached path (auto) over a copy of the model
 with int8 weight-only linear layers (``--quantize int8``). Its MBU counts the int8 bytes it reads
 (its own, smaller, weights); its ``ceil`` column is still the share of the float32 ceiling (the
-int8 tables' own one-pass figure is printed above the table). It is
-another model, so its tokens are compared with the float32 reference's but need not match: the
-check column says how many steps chose the same token, and the largest logit difference.
+int8 tables' own one-pass figure is printed above the table). It is another model, so its
+tokens are compared with the float32 reference's but need not match: the check column says how
+many steps chose the same token, and the largest logit difference.
 """
 
 from __future__ import annotations
