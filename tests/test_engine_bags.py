@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinygpt.engine.bags import BAG_ROWS, MAX_PARTS, bag_product, bag_table, column_parts
+from tinygpt.engine.bags import (
+    BAG_ROWS,
+    MAX_PARTS,
+    bag_product,
+    bag_table,
+    column_parts,
+    table_product,
+)
 from tinygpt.engine.decode import LAYOUT_KERNELS
 
 
@@ -37,6 +44,16 @@ def test_bag_products_are_the_matrix_products(rows, out, parts):
     w, x = torch.randn(out, 40), torch.randn(3, rows, 40)
     y = bag_product(float_bag, bag_table(w, parts), x, parts, out)
     assert y.shape == (3, rows, out)
+    torch.testing.assert_close(y, F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 64])
+@pytest.mark.parametrize("out,parts", [(24, 1), (24, 4), (65, 5)])
+def test_table_products_are_the_matrix_products(rows, out, parts):
+    torch.manual_seed(rows * out + parts)
+    w, x = torch.randn(out, 40), torch.randn(2, rows, 40)
+    y = table_product(bag_table(w, parts), x, parts)
+    assert y.shape == (2, rows, out)
     torch.testing.assert_close(y, F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 

@@ -15,6 +15,8 @@ from tinygpt.engine.quantize import (
     int8_weight_bytes,
     quantize_int8,
     quantize_table,
+    unpack_table,
+    unpack_table_in_torch,
 )
 from tinygpt.errors import TinyGPTError
 from tinygpt.quantize import quantize_model
@@ -37,6 +39,19 @@ def test_each_table_row_is_quantized_on_its_own_range_within_half_a_step():
     for i in range(5):  # each range is used: a row's values reach 0 and 255
         values = packed.view(4, 6, -1)[:, i, :-ROW_EXTRA]
         assert int(values.min()) == 0 and int(values.max()) == 255
+
+
+def test_unpacking_in_torch_gives_fbgemms_values():
+    """The path for other devices (plain torch) against fbgemm's CPU unpacking (checked on a
+    CPU tensor). Both compute scale * q + bias in float32; one may fuse the multiply-add and
+    round once, so a value may differ in its last bits -- at most a few float32 ulps of its
+    row's largest magnitude (far below the half step a value is quantized to)."""
+    torch.manual_seed(1)
+    packed = quantize_table(torch.randn(384, 40) * torch.rand(40) * 3, parts=4)
+    ours, fbgemm = unpack_table_in_torch(packed), unpack_table(packed)
+    assert ours.shape == fbgemm.shape == (4 * 40, 384 // 4)
+    ulp = torch.finfo(torch.float32).eps * fbgemm.abs().amax(dim=1, keepdim=True)
+    assert bool(((ours - fbgemm).abs() <= 4 * ulp).all())
 
 
 @pytest.mark.parametrize("rows", [1, BAG_ROWS, BAG_ROWS + 1, 64])

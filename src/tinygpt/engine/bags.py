@@ -18,7 +18,8 @@ another, while it is in the cache::
 
 Each output is still a sum over i in order, so how many parts there are does not change a
 float32 result. ``tinygpt.engine.decode`` (the "bag" layout) and ``tinygpt.engine.quantize``
-(int8 weights) use this; more than ``BAG_ROWS`` rows go to an ordinary product.
+(int8 weights) use this; more than ``BAG_ROWS`` rows go to an ordinary product (for a table:
+``table_product``, one matrix product per part).
 """
 
 from __future__ import annotations
@@ -68,3 +69,11 @@ def bag_product(bag: Callable[..., torch.Tensor], table: torch.Tensor, x: torch.
     weights = x.reshape(1, rows, k).expand(parts, rows, k).reshape(-1)  # x again for each part
     y = bag(table, indices, offsets, weights).view(parts, rows, out_features // parts)
     return y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+
+
+def table_product(table: torch.Tensor, x: torch.Tensor, parts: int) -> torch.Tensor:
+    """``x @ W^T`` (..., out) for x (..., in) from W's float table (``bag_table``) as matrix
+    products, one per part: for many rows, where the bags lose."""
+    k = x.shape[-1]
+    y = torch.matmul(x.reshape(1, -1, k), table.view(parts, k, -1))  # (parts, rows, out/parts)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], -1)

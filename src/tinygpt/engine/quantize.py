@@ -13,9 +13,9 @@ so ``v ~ scale * q + bias`` with an error of at most half a step (``scale / 2``)
 fbgemm's "8-bit rowwise" format (``quantized.embedding_bag_byte_prepack``: each row its w bytes
 then its scale and bias as float32). Activations stay float32. A product of up to ``BAG_ROWS``
 rows on the CPU (decode steps) is fbgemm's 8-bit embedding bag over that table, which reads the
-bytes and dequantizes them on the fly; more rows (a prefill, an evaluation batch), or another
-device, multiply by the weight dequantized for the call (the copy costs little beside a product
-of many rows).
+bytes and dequantizes them on the fly; more rows (a prefill, an evaluation batch, a batch of
+more than ``BAG_ROWS`` sequences), or another device, multiply by the table unpacked to float32
+for the call, one matrix product per part (the copy costs little beside a product of many rows).
 
 What is quantized, by ``quantize_int8``: every ``nn.Linear`` of the model (attention's q/k/v and
 output projections, the MLP's, the untied ``lm_head``) -- the matrices a decode step reads in
@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts
+from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts, table_product
 
 # Rows of the table hold at least this many values where the output width allows, so that the
 # 8 bytes of a row's scale and bias add at most 8%.
@@ -47,12 +46,24 @@ def quantize_table(weight: torch.Tensor, parts: int) -> torch.Tensor:
     return torch.ops.quantized.embedding_bag_byte_prepack(table)
 
 
+def unpack_table(packed: torch.Tensor) -> torch.Tensor:
+    """The float32 table (rows, w) that ``packed`` holds, on its device: ``scale * q + bias``
+    per row (fbgemm's unpacking on the CPU, the same arithmetic in torch elsewhere)."""
+    if packed.is_cpu:
+        return torch.ops.quantized.embedding_bag_byte_unpack(packed)
+    return unpack_table_in_torch(packed)
+
+
+def unpack_table_in_torch(packed: torch.Tensor) -> torch.Tensor:
+    """``unpack_table`` in plain torch operations, for any device."""
+    scale_bias = packed[:, -ROW_EXTRA:].contiguous().view(torch.float32)  # (rows, 2)
+    return packed[:, :-ROW_EXTRA].float() * scale_bias[:, :1] + scale_bias[:, 1:]
+
+
 def dequantize_table(packed: torch.Tensor, parts: int) -> torch.Tensor:
     """The float32 (out, in) weight that the table ``packed`` holds, on its device."""
     k = packed.shape[0] // parts
-    scale_bias = packed[:, -ROW_EXTRA:].contiguous().view(torch.float32)  # (rows, 2)
-    values = packed[:, :-ROW_EXTRA].float() * scale_bias[:, :1] + scale_bias[:, 1:]
-    w_t = values.view(parts, k, -1).transpose(0, 1).reshape(k, -1)  # W^T (in, out)
+    w_t = unpack_table(packed).view(parts, k, -1).transpose(0, 1).reshape(k, -1)  # W^T (in, out)
     return w_t.t()
 
 
@@ -70,8 +81,8 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, parts: int,
     if x.is_cpu and x.dtype == torch.float32 and x.numel() <= BAG_ROWS * k:
         out = parts * (packed.shape[1] - ROW_EXTRA)
         y = bag_product(_byte_bag, packed, x, parts, out)
-    else:
-        y = F.linear(x, dequantize_table(packed, parts).to(x.dtype))
+    else:  # many rows: a product with the unpacked table, made for this call
+        y = table_product(unpack_table(packed).to(x.dtype), x, parts)
     return y if bias is None else y + bias
 
 
