@@ -9,6 +9,7 @@ from tinygpt.engine.bags import BAG_ROWS
 from tinygpt.engine.quantize import (
     MIN_ROW_WIDTH,
     ROW_EXTRA,
+    WIDE_ROWS,
     Int8Linear,
     dequantize_table,
     int8_linear,
@@ -54,9 +55,10 @@ def test_unpacking_in_torch_gives_fbgemms_values():
     assert bool(((ours - fbgemm).abs() <= 4 * ulp).all())
 
 
-@pytest.mark.parametrize("rows", [1, BAG_ROWS, BAG_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, BAG_ROWS, BAG_ROWS + 1, 64, WIDE_ROWS])
 @pytest.mark.parametrize("out", [24, 384])
-def test_both_kernel_paths_multiply_by_the_dequantized_weight(rows, out):
+def test_every_kernel_path_multiplies_by_the_dequantized_weight(rows, out):
+    """Bags (up to BAG_ROWS rows), products per part, and one product from WIDE_ROWS rows."""
     torch.manual_seed(rows)
     layer = Int8Linear(torch.nn.Linear(40, out))
     assert layer.parts == (1 if out == 24 else 4)  # rows of at least MIN_ROW_WIDTH values
