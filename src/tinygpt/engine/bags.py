@@ -66,9 +66,12 @@ def bag_product(bag: Callable[..., torch.Tensor], table: torch.Tensor, x: torch.
     k = x.shape[-1]
     rows = x.numel() // k
     indices, offsets = _bags(parts, k, rows)
-    weights = x.reshape(1, rows, k).expand(parts, rows, k).reshape(-1)  # x again for each part
-    y = bag(table, indices, offsets, weights).view(parts, rows, out_features // parts)
-    return y.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    weights = torch.cat([x.reshape(-1)] * parts)  # (parts, rows, k): x again for each part
+    y = bag(table, indices, offsets, weights)
+    if rows == 1:  # one bag per part: already in the order of the outputs
+        return y.view(*x.shape[:-1], out_features)
+    y = y.view(parts, rows, out_features // parts).transpose(0, 1)
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def table_product(table: torch.Tensor, x: torch.Tensor, parts: int) -> torch.Tensor:
