@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts, table_product
 
 # Rows of the table hold at least this many values where the output width allows, so that the
-# 8 bytes of a row's scale and bias add at most 8%.
+# 8 bytes of a row's scale and bias add at most a twelfth.
 MIN_ROW_WIDTH = 96
 # Bytes after a row's values: its scale and its bias, float32 each.
 ROW_EXTRA = 8
