@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from tinygpt.engine import DECODE_LAYOUTS, Engine  # noqa: E402
 from tinygpt.engine.decode import LAYOUT_KERNELS, available_layouts  # noqa: E402
-from tinygpt.engine.quantize import Int8Linear, int8_weight_bytes, quantize_int8  # noqa: E402
+from tinygpt.engine.quantize import (  # noqa: E402
+    Int8Linear,
+    int8_linear,
+    int8_weight_bytes,
+    quantize_int8,
+)
 from tinygpt.generate import SamplingConfig, generate_tokens  # noqa: E402
 from tinygpt.models import GPT, GPTConfig  # noqa: E402
 
@@ -136,7 +142,9 @@ def weights_ceilings(weights: list[torch.Tensor]) -> dict[str, float]:
 def int8_ceiling(model: torch.nn.Module) -> float:
     """The same for the int8 layers of ``model``: one pass of their kernel over every table."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    return one_pass_rate(layers, [m.in_features for m in layers], torch.float32, "cpu")
+    kernels = [functools.partial(int8_linear, packed=m.weight_packed, parts=m.parts)
+               for m in layers]  # as a decode step calls them: no nn.Module in between
+    return one_pass_rate(kernels, [m.in_features for m in layers], torch.float32, "cpu")
 
 
 def read_bandwidth(mbytes: int = 512) -> float:

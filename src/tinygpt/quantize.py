@@ -14,8 +14,9 @@ from tinygpt.errors import TinyGPTError
 # "none": the weights as trained (float32); "int8": int8 weight-only linear layers.
 QUANTIZE_MODES = ("none", "int8")
 QUANTIZE_HELP = ("none (the weights as trained) or int8 (linear layers' weights as 8-bit values "
-                 "with a float32 scale and offset per row of 96 or more, float32 activations: "
-                 "about a quarter of the weight memory; see docs/generation.md) (default: none)")
+                 "with a float32 scale and offset per input channel and block of outputs, "
+                 "float32 activations: about a quarter of the weight memory; see "
+                 "docs/generation.md) (default: none)")
 
 
 def add_quantize_flag(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,11 @@ MAX_PARTS = 8
 BAG_ROWS = 8
 
 
+def few_rows(x: torch.Tensor) -> bool:
+    """Whether ``x`` (..., in) has at most ``BAG_ROWS`` rows: a product for the bags."""
+    return x.numel() <= BAG_ROWS * x.shape[-1]
+
+
 def column_parts(out_features: int, min_width: int = 1) -> int:
     """The most parts, up to ``MAX_PARTS``, that cut ``out_features`` columns evenly into parts
     at least ``min_width`` wide (1 if none does)."""

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts
+from tinygpt.engine.bags import bag_product, bag_table, column_parts, few_rows
 from tinygpt.engine.quantize import Int8Linear, int8_linear
 from tinygpt.models.gpt import GPT
 from tinygpt.models.kv_cache import KVCache
@@ -85,7 +85,7 @@ def _bag(weight: torch.Tensor, bias: torch.Tensor | None):
     table = bag_table(weight, parts)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > BAG_ROWS * x.shape[-1]:
+        if not few_rows(x):
             return F.linear(x, weight, bias)
         y = bag_product(_float_bag, table, x, parts, out)
         return y if bias is None else y + bias

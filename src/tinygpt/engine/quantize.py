@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinygpt.engine.bags import BAG_ROWS, bag_product, bag_table, column_parts, table_product
+from tinygpt.engine.bags import bag_product, bag_table, column_parts, few_rows, table_product
 
 # Rows of the table hold at least this many values where the output width allows, so that the
 # 8 bytes of a row's scale and bias add at most a twelfth.
@@ -83,12 +83,10 @@ def _byte_bag(packed: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, parts: int,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for float ``x`` (..., in), W held by the table ``packed``."""
-    k = x.shape[-1]
-    rows = x.numel() // k
-    if x.is_cpu and x.dtype == torch.float32 and rows <= BAG_ROWS:
+    if x.is_cpu and x.dtype == torch.float32 and few_rows(x):
         out = parts * (packed.shape[1] - ROW_EXTRA)
         y = bag_product(_byte_bag, packed, x, parts, out)
-    elif rows < WIDE_ROWS:  # more rows: products with the table unpacked for this call
+    elif x.numel() < WIDE_ROWS * x.shape[-1]:  # more rows: products with the table unpacked for this call
         y = table_product(unpack_table(packed).to(x.dtype), x, parts)
     else:  # very many: one product with the whole weight, unpacked for this call
         y = F.linear(x, dequantize_table(packed, parts).to(x.dtype))
